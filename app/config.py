@@ -1,0 +1,278 @@
+"""Settings and account specifications; parses ``accounts.toml``. Opens nothing.
+
+An ``AccountSpec`` is what an operator writes (CLI flags or a TOML table). Secrets may be given
+by reference, ``env:VAR``, so the file can live in git; references are kept as written and only
+resolved (``resolve_secret``) by whoever needs the real value.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+from app.errors import ConfigError
+
+DEFAULT_DB_URL = "sqlite+aiosqlite:///./kimi-pool.db"
+ACCOUNT_KINDS = ("moonshot", "kimi-web", "kimi-ai-chat")
+DEFAULT_BASE_URLS = {
+    "moonshot": "https://api.moonshot.cn/v1",
+    "kimi-web": "https://www.kimi.com",
+    "kimi-ai-chat": "https://kimi-ai.chat",
+}
+DEFAULT_MODELS = {
+    "moonshot": (
+        "kimi-k2.5",
+        "kimi-k2-0905-preview",
+        "kimi-k2-turbo-preview",
+        "kimi-k2-thinking",
+        "moonshot-v1-8k",
+        "moonshot-v1-32k",
+        "moonshot-v1-128k",
+    ),
+    "kimi-web": ("kimi-k2.5", "kimi-k2.6"),
+    "kimi-ai-chat": ("kimi-k2-instruct-0905", "kimi-k2-instruct"),
+}
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_LIMITS = ("rpm", "tpm", "tpd", "concurrency")
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    db_url: str = DEFAULT_DB_URL
+    host: str = "127.0.0.1"
+    port: int = 8088
+    master_key: str | None = None
+    accounts_file: Path | None = None
+    max_body_bytes: int = 8 * 1024 * 1024
+    connect_timeout: float = 10.0
+    first_byte_timeout: float = 300.0
+    failover_deadline: float = 60.0
+    max_wait: float = 30.0
+    sync_interval: float = 2.0
+    flush_interval: float = 1.0
+    cors_origins: tuple[str, ...] = ("*",)
+    log_level: str = "info"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        if env.get("KIMI_POOL_DB"):
+            values["db_url"] = env["KIMI_POOL_DB"]
+        master = env.get("KIMI_POOL_MASTER_KEY") or env.get("API_MASTER_KEY")
+        if master:
+            values["master_key"] = master
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        if not (0 < self.port < 65536):
+            raise ConfigError(f"port must be between 1 and 65535, not {self.port}")
+        if "://" not in self.db_url:
+            raise ConfigError(f"database URL {self.db_url!r} is not a URL (e.g. {DEFAULT_DB_URL})")
+        if self.master_key is None and not is_loopback(self.host):
+            raise ConfigError(
+                f"refusing to listen on {self.host} without a key: set KIMI_POOL_MASTER_KEY "
+                "(or API_MASTER_KEY), or bind 127.0.0.1"
+            )
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+@dataclass(frozen=True, slots=True)
+class AccountSpec:
+    name: str
+    kind: str
+    secret: str | None = None
+    base_url: str | None = None
+    models: tuple[str, ...] = ()
+    rpm: int | None = None
+    tpm: int | None = None
+    tpd: int | None = None
+    concurrency: int | None = None
+    weight: float = 1.0
+    proxy: str | None = None
+    enabled: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def effective_base_url(self) -> str:
+        return (self.base_url or DEFAULT_BASE_URLS[self.kind]).rstrip("/")
+
+    def effective_models(self) -> tuple[str, ...]:
+        return self.models or DEFAULT_MODELS[self.kind]
+
+
+def validate_name(name: str) -> str:
+    if not isinstance(name, str) or not _NAME.match(name):
+        raise ConfigError(f"bad account name {name!r}: use letters, digits, '.', '_' or '-' (max 64)")
+    return name
+
+
+def validate_url(value: str, what: str, schemes: tuple[str, ...] = ("http", "https")) -> str:
+    parts = urlsplit(value) if isinstance(value, str) else None
+    if parts is None or parts.scheme not in schemes or not parts.hostname:
+        raise ConfigError(f"bad {what} {value!r}: expected a {'/'.join(schemes)} URL with a host")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError as exc:
+        raise ConfigError(f"bad {what} {value!r}: {exc}") from None
+    return value
+
+
+def validate_limit(name: str, value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ConfigError(f"{name} must be a positive whole number, not {value!r}")
+    return value
+
+
+def validate_weight(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"weight must be a positive number, not {value!r}")
+    return float(value)
+
+
+def make_account_spec(
+    *,
+    name: str,
+    kind: str,
+    secret: str | None = None,
+    base_url: str | None = None,
+    models: list[str] | tuple[str, ...] = (),
+    rpm: Any = None,
+    tpm: Any = None,
+    tpd: Any = None,
+    concurrency: Any = None,
+    weight: Any = 1.0,
+    proxy: str | None = None,
+    enabled: bool = True,
+) -> AccountSpec:
+    """Validate operator input and build a spec; every problem is one ``ConfigError`` line."""
+    validate_name(name)
+    if kind not in ACCOUNT_KINDS:
+        raise ConfigError(f"account {name}: unknown kind {kind!r} (one of {', '.join(ACCOUNT_KINDS)})")
+    if kind in ("moonshot", "kimi-web") and not secret:
+        what = "an API key" if kind == "moonshot" else "a kimi-auth token"
+        raise ConfigError(f"account {name}: kind {kind} needs {what}")
+    if secret is not None and (not isinstance(secret, str) or secret.strip() != secret or not secret):
+        raise ConfigError(f"account {name}: the secret must be a non-empty string without spaces around it")
+    if secret and secret.startswith("env:") and not re.fullmatch(r"env:[A-Za-z_][A-Za-z0-9_]*", secret):
+        raise ConfigError(f"account {name}: bad secret reference {secret!r} (expected env:VARIABLE)")
+    if base_url is not None:
+        validate_url(base_url, f"base URL for account {name}")
+    if proxy is not None:
+        validate_url(proxy, f"proxy for account {name}", ("http", "https", "socks5", "socks5h"))
+    if not isinstance(models, list | tuple) or not all(isinstance(m, str) and _MODEL.match(m) for m in models):
+        raise ConfigError(f"account {name}: models must be a list of model ids, not {models!r}")
+    limits = {key: validate_limit(f"account {name}: {key}", value)
+              for key, value in zip(_LIMITS, (rpm, tpm, tpd, concurrency), strict=True)}
+    if not isinstance(enabled, bool):
+        raise ConfigError(f"account {name}: enabled must be true or false")
+    return AccountSpec(
+        name=name,
+        kind=kind,
+        secret=secret,
+        base_url=base_url.rstrip("/") if base_url else None,
+        models=tuple(dict.fromkeys(models)),
+        weight=validate_weight(weight),
+        proxy=proxy,
+        enabled=enabled,
+        **limits,
+    )
+
+
+def resolve_secret(secret: str | None, env: Mapping[str, str] | None = None) -> str | None:
+    """Turn ``env:VAR`` into the variable's value; a plain secret is returned as it is."""
+    if secret is None or not secret.startswith("env:"):
+        return secret
+    env = os.environ if env is None else env
+    var = secret[4:]
+    value = env.get(var)
+    if not value:
+        raise ConfigError(f"the secret reference env:{var} points at an unset environment variable")
+    return value
+
+
+def mask_secret(secret: str | None) -> str:
+    """What the CLI and the admin API show of a secret: never more than its first and last 4 chars."""
+    if not secret:
+        return "-"
+    if secret.startswith("env:"):
+        return secret
+    if len(secret) <= 12:
+        return "****"
+    return f"{secret[:4]}…{secret[-4:]}"
+
+
+_TOML_KEYS = {
+    "name", "kind", "api_key", "token", "secret", "base_url", "models", "rpm", "tpm", "tpd",
+    "concurrency", "weight", "proxy", "enabled",
+}
+
+
+def load_accounts_toml(path: Path) -> list[AccountSpec]:
+    """Parse an ``accounts.toml``; raise ``ConfigError`` with the file and the problem on one line."""
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not UTF-8 text") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    tables = data.get("accounts", [])
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise ConfigError(f"{path}: 'accounts' must be an array of tables ([[accounts]])")
+    unknown_top = set(data) - {"accounts"}
+    if unknown_top:
+        raise ConfigError(f"{path}: unknown top-level key(s): {', '.join(sorted(unknown_top))}")
+    specs: list[AccountSpec] = []
+    seen: set[str] = set()
+    for index, table in enumerate(tables, start=1):
+        where = f"{path}: account #{index}"
+        unknown = set(table) - _TOML_KEYS
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s): {', '.join(sorted(unknown))}")
+        if "name" not in table or "kind" not in table:
+            raise ConfigError(f"{where}: 'name' and 'kind' are required")
+        secrets = [table[k] for k in ("api_key", "token", "secret") if k in table]
+        if len(secrets) > 1:
+            raise ConfigError(f"{where}: give only one of api_key, token, secret")
+        try:
+            spec = make_account_spec(
+                name=table["name"],
+                kind=table["kind"],
+                secret=secrets[0] if secrets else None,
+                base_url=table.get("base_url"),
+                models=table.get("models", []),
+                rpm=table.get("rpm"),
+                tpm=table.get("tpm"),
+                tpd=table.get("tpd"),
+                concurrency=table.get("concurrency"),
+                weight=table.get("weight", 1.0),
+                proxy=table.get("proxy"),
+                enabled=table.get("enabled", True),
+            )
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc.message}") from None
+        if spec.name in seen:
+            raise ConfigError(f"{path}: duplicate account name {spec.name!r}")
+        seen.add(spec.name)
+        specs.append(spec)
+    return specs

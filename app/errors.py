@@ -1,0 +1,201 @@
+"""The one exception tree.
+
+Every error kimi-pool raises knows the HTTP status, the OpenAI error ``type`` and ``code`` it is
+rendered with at the boundary (``app/api/errors.py``) and, where it matters, how long to wait.
+
+Two families live here:
+
+* client-facing errors (bad input, auth, routing, back-pressure);
+* upstream errors, classified once by the adapter into the closed set of DESIGN.md. The dispatcher
+  reads the class to decide between failover and surfacing; the pool reads it to change the
+  account's state.
+"""
+
+from __future__ import annotations
+
+import math
+
+
+class KimiPoolError(Exception):
+    status: int = 500
+    type: str = "server_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def headers(self) -> dict[str, str]:
+        return {}
+
+    def body(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# --- client-facing ------------------------------------------------------------------------------
+
+
+class InvalidRequest(KimiPoolError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class PayloadTooLarge(InvalidRequest):
+    status = 413
+    code = "payload_too_large"
+
+
+class AuthenticationFailed(KimiPoolError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class NotFound(KimiPoolError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+class MethodNotAllowed(KimiPoolError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+    def __init__(self, message: str, *, allow: list[str]) -> None:
+        super().__init__(message)
+        self.allow = allow
+
+    def headers(self) -> dict[str, str]:
+        return {"Allow": ", ".join(self.allow)}
+
+
+def _retry_after_header(seconds: float) -> dict[str, str]:
+    return {"Retry-After": str(min(60, max(1, math.ceil(seconds))))}
+
+
+class PoolBusy(KimiPoolError):
+    """Every account that could serve is busy or limited; try again after ``retry_after``."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return _retry_after_header(self.retry_after)
+
+
+class PoolUnavailable(KimiPoolError):
+    """No account can serve the request at all (all dead, disabled or out of quota)."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "no_account_available"
+
+    def __init__(self, message: str, *, retry_after: float = 30.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return _retry_after_header(self.retry_after)
+
+
+# --- upstream, classified once in the adapter -----------------------------------------------------
+
+
+class UpstreamError(KimiPoolError):
+    """Base of the classified upstream failures. ``retryable`` means: try another account."""
+
+    status = 502
+    type = "upstream_error"
+    code = "upstream_error"
+    retryable = True
+
+
+class AuthDead(UpstreamError):
+    """The credential is rejected; the account is out until an operator re-enables it."""
+
+    code = "upstream_auth_failed"
+
+
+class RateLimited(UpstreamError):
+    """The account hit a short window (concurrency, RPM, TPM); cool it for ``retry_after`` seconds."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "upstream_rate_limited"
+
+    def __init__(self, message: str, *, retry_after: float) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return _retry_after_header(self.retry_after)
+
+
+class QuotaExhausted(UpstreamError):
+    """Out of credit or a long window (TPD); the account is out until ``until`` (None: until re-enabled)."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "upstream_quota_exhausted"
+
+    def __init__(self, message: str, *, until: float | None = None) -> None:
+        super().__init__(message)
+        self.until = until
+
+
+class UpstreamOverloaded(UpstreamError):
+    """The upstream itself is overloaded; not the account's fault."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "upstream_overloaded"
+
+    def __init__(self, message: str, *, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+    def headers(self) -> dict[str, str]:
+        return _retry_after_header(self.retry_after)
+
+
+class UpstreamBadRequest(UpstreamError):
+    """The upstream refused the request itself (4xx about the input): never retried, passed on."""
+
+    retryable = False
+
+    def __init__(self, message: str, *, status: int = 400, type: str = "invalid_request_error",
+                 code: str | None = None, param: str | None = None) -> None:
+        super().__init__(message, param=param, code=code)
+        self.status = status
+        self.type = type
+        self.code = code
+
+
+class Transient(UpstreamError):
+    """5xx, network failure, timeout or a truncated stream."""
+
+    code = "upstream_unavailable"
+
+
+# --- configuration and operator input -------------------------------------------------------------
+
+
+class ConfigError(KimiPoolError):
+    """Bad settings, bad accounts.toml, bad CLI input: reported as one line by the CLI."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_config"

@@ -1,0 +1,94 @@
+"""The upstream interface and the neutral events every adapter speaks.
+
+An adapter turns a ``ChatRequest`` into the upstream's wire format, and the upstream's answer into
+neutral events (``Delta``, ``Finish``, ``Usage``) or one ``Completion``. It classifies every failure
+once, into the ``UpstreamError`` subclasses of ``app.errors``. The dispatcher never knows which kind
+of upstream it is talking to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from app.pool.account import Account
+
+
+@dataclass(slots=True)
+class ChatRequest:
+    """A validated OpenAI chat request, neutral of any upstream."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool = False
+    include_usage: bool = False
+    max_tokens: int | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    """Other OpenAI fields the client set (temperature, tools, stop, …), passed on where understood."""
+
+
+@dataclass(slots=True)
+class Delta:
+    content: str | None = None
+    reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+@dataclass(slots=True)
+class Finish:
+    reason: str
+
+
+@dataclass(slots=True)
+class Usage:
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int | None = None
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def as_openai(self) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "total_tokens": self.total_tokens,
+        }
+        if self.cached_tokens is not None:
+            body["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        return body
+
+
+Event = Delta | Finish | Usage
+
+
+@dataclass(slots=True)
+class Completion:
+    """One whole answer, for ``stream: false``."""
+
+    content: str | None
+    finish_reason: str
+    usage: Usage | None = None
+    reasoning: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+
+class Upstream(Protocol):
+    """One adapter per upstream kind; one instance serves every account of that kind."""
+
+    kind: str
+
+    def stream(self, account: Account, request: ChatRequest, model: str) -> AsyncIterator[Event]:
+        """Yield the answer as neutral events; ``model`` is the upstream's id for the requested model.
+
+        The iterator ends normally only after the protocol's end marker was seen; a ``Finish``
+        comes exactly once. Any failure raises an ``UpstreamError`` subclass.
+        """
+        ...
+
+    async def complete(self, account: Account, request: ChatRequest, model: str) -> Completion: ...
+
+    async def close(self) -> None: ...
