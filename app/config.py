@@ -41,7 +41,6 @@ DEFAULT_MODELS = {
 }
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-_LIMITS = ("rpm", "tpm", "tpd", "concurrency")
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,8 +179,6 @@ def make_account_spec(
         validate_url(proxy, f"proxy for account {name}", ("http", "https", "socks5", "socks5h"))
     if not isinstance(models, list | tuple) or not all(isinstance(m, str) and _MODEL.match(m) for m in models):
         raise ConfigError(f"account {name}: models must be a list of model ids, not {models!r}")
-    limits = {key: validate_limit(f"account {name}: {key}", value)
-              for key, value in zip(_LIMITS, (rpm, tpm, tpd, concurrency), strict=True)}
     if not isinstance(enabled, bool):
         raise ConfigError(f"account {name}: enabled must be true or false")
     return AccountSpec(
@@ -193,7 +190,10 @@ def make_account_spec(
         weight=validate_weight(weight),
         proxy=proxy,
         enabled=enabled,
-        **limits,
+        rpm=validate_limit(f"account {name}: rpm", rpm),
+        tpm=validate_limit(f"account {name}: tpm", tpm),
+        tpd=validate_limit(f"account {name}: tpd", tpd),
+        concurrency=validate_limit(f"account {name}: concurrency", concurrency),
     )
 
 

@@ -119,7 +119,7 @@ class UpstreamError(KimiPoolError):
 
     status = 502
     type = "upstream_error"
-    code = "upstream_error"
+    code: str | None = "upstream_error"
     retryable = True
 
 

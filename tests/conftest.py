@@ -33,3 +33,91 @@ async def serve(app: ASGIApp) -> AsyncIterator[str]:
         server.should_exit = True
         await task
         sock.close()
+
+
+# --- the whole stack: Moonshot emulator + kimi-pool, both under uvicorn, sharing one manual clock --
+
+
+import dataclasses  # noqa: E402
+from pathlib import Path  # noqa: E402
+from typing import Any  # noqa: E402
+
+import httpx  # noqa: E402
+import openai  # noqa: E402
+from starlette.applications import Starlette  # noqa: E402
+
+from app.api.state import Gateway  # noqa: E402
+from app.clock import ManualClock  # noqa: E402
+from app.config import Settings  # noqa: E402
+from app.emulator.moonshot import MoonshotEmulator, MoonshotEmulatorConfig, create_moonshot_emulator  # noqa: E402
+from app.main import create_app  # noqa: E402
+
+MASTER_KEY = "test-master-key-0123456789"
+
+
+@dataclasses.dataclass
+class Stack:
+    url: str
+    emulator_url: str
+    app: Starlette
+    emulator: MoonshotEmulator
+    clock: ManualClock
+    db_url: str
+    tmp_path: Path
+    clients: list[openai.AsyncOpenAI] = dataclasses.field(default_factory=list)
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app.state.gateway  # type: ignore[no-any-return]
+
+    def client(self, api_key: str = MASTER_KEY, **kw: Any) -> openai.AsyncOpenAI:
+        client = openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, **kw)
+        self.clients.append(client)
+        return client
+
+    def http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=10)
+
+
+def accounts_toml(emulator_url: str, keys: list[str], **extra: Any) -> str:
+    lines = []
+    for i, key in enumerate(keys, start=1):
+        lines += ["[[accounts]]", f'name = "acct-{i}"', 'kind = "moonshot"', f'api_key = "{key}"',
+                  f'base_url = "{emulator_url}/v1"']
+        lines += [f"{k} = {v!r}".replace("'", '"') for k, v in extra.items()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+@contextlib.asynccontextmanager
+async def run_stack(tmp_path: Path, *, keys: list[str] | None = None,
+                    emulator: MoonshotEmulatorConfig | None = None, clock: ManualClock | None = None,
+                    settings: dict[str, Any] | None = None, account_extra: dict[str, Any] | None = None,
+                    ) -> AsyncIterator[Stack]:
+    """Emulator with 3 organisations, kimi-pool with one account per key (``acct-1``…) from a TOML file."""
+    clock = clock or ManualClock()
+    config = emulator or MoonshotEmulatorConfig.simple(keys=3)
+    emulator_app = create_moonshot_emulator(config, clock=clock)
+    async with serve(emulator_app) as emulator_url:
+        toml = tmp_path / "accounts.toml"
+        toml.write_text(accounts_toml(emulator_url, keys or sorted(config.keys), **(account_extra or {})))
+        db_url = f"sqlite+aiosqlite:///{tmp_path}/kimi-pool.db"
+        base = {"db_url": db_url, "master_key": MASTER_KEY, "accounts_file": toml}
+        app = create_app(Settings(**{**base, **(settings or {})}), clock=clock)
+        async with serve(app) as url:
+            async with httpx.AsyncClient() as http:
+                (await http.get(url + "/healthz")).raise_for_status()  # lifespan has run
+            stack = Stack(url, emulator_url, app, emulator_app.state.emulator, clock, db_url, tmp_path)
+            try:
+                yield stack
+            finally:
+                for client in stack.clients:
+                    await client.close()
+
+
+async def reload(stack: Stack) -> None:
+    """Let the server's periodic sync pick up what the CLI wrote, by moving the clock, not sleeping."""
+    sync = stack.app.state.sync
+    generation = sync.generation
+    stack.clock.advance(stack.gateway.settings.sync_interval)
+    await sync.wait_generation(generation + 1)

@@ -1,0 +1,67 @@
+"""Who is calling: the master key, a client key (looked up by hash, in memory), or nobody.
+
+Keys are accepted as ``Authorization: Bearer <key>`` or ``X-Api-Key: <key>``. With no master key
+and no client keys configured the gateway is open, which ``Settings`` allows on loopback only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+
+from starlette.datastructures import Headers
+
+from app.errors import AuthenticationFailed
+
+MASTER = "master"
+
+
+def hash_key(key: str) -> str:
+    return hashlib.sha256(key.encode()).hexdigest()
+
+
+class Authenticator:
+    def __init__(self, master_key: str | None) -> None:
+        self._master = master_key
+        self._keys: dict[str, str] = {}
+
+    def set_client_keys(self, hashes: dict[str, str]) -> None:
+        """Replace the known client keys (SHA-256 hex → key name); called by the store sync."""
+        self._keys = dict(hashes)
+
+    @property
+    def open(self) -> bool:
+        return self._master is None and not self._keys
+
+    def authenticate(self, headers: Headers) -> str | None:
+        """The caller's key name (``master`` for the master key), None on an open gateway."""
+        key = _presented_key(headers)
+        if key is None:
+            if self.open:
+                return None
+            raise AuthenticationFailed("Missing API key: send 'Authorization: Bearer <key>'.")
+        if self._master is not None and hmac.compare_digest(key, self._master):
+            return MASTER
+        name = self._keys.get(hash_key(key))
+        if name is not None:
+            return name
+        if self.open:
+            return None
+        raise AuthenticationFailed("Incorrect API key provided.")
+
+    def is_master(self, headers: Headers) -> bool:
+        key = _presented_key(headers)
+        if self._master is None:
+            return self.open
+        return key is not None and hmac.compare_digest(key, self._master)
+
+
+def _presented_key(headers: Headers) -> str | None:
+    value = headers.get("authorization")
+    if value:
+        scheme, _, token = value.partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return value.strip() or None
+    value = headers.get("x-api-key")
+    return value.strip() if value and value.strip() else None

@@ -1,0 +1,115 @@
+"""Render neutral events as OpenAI ``chat.completion.chunk`` SSE, and serve them.
+
+The contract: one ``id`` and ``created`` for the whole stream; the first chunk carries
+``role: "assistant"``; exactly one ``finish_reason``; with ``include_usage`` a last chunk with
+``choices: []`` and the usage; ``data: [DONE]`` at the end. A failure after the stream began ends it
+with a ``data: {"error": {...}}`` event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+from starlette.types import Receive, Scope, Send
+
+from app.errors import KimiPoolError
+from app.upstreams.base import Delta, Event, Finish, Usage
+
+log = logging.getLogger("kimi_pool.sse")
+DONE = b"data: [DONE]\n\n"
+
+
+def _frame(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+class ChunkRenderer:
+    __slots__ = ("_head", "_tail", "created", "id", "model")
+
+    def __init__(self, completion_id: str, created: int, model: str) -> None:
+        self.id = completion_id
+        self.created = created
+        self.model = model
+        head = {"id": completion_id, "object": "chat.completion.chunk", "created": created, "model": model}
+        # every chunk shares this prefix; only the choices differ
+        self._head = b"data: " + orjson.dumps(head)[:-1] + b',"choices":'
+        self._tail = b"}\n\n"
+
+    def _choice(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return self._head + orjson.dumps([{"index": 0, "delta": delta, "finish_reason": finish}]) + self._tail
+
+    def role(self) -> bytes:
+        return self._choice({"role": "assistant", "content": ""})
+
+    def event(self, event: Event) -> bytes | None:
+        if type(event) is Delta:
+            delta: dict[str, Any] = {}
+            if event.reasoning is not None:
+                delta["reasoning_content"] = event.reasoning
+            if event.content is not None:
+                delta["content"] = event.content
+            if event.tool_calls is not None:
+                delta["tool_calls"] = event.tool_calls
+            return self._choice(delta)
+        if type(event) is Finish:
+            return self._choice({}, event.reason)
+        return None
+
+    def usage(self, usage: Usage) -> bytes:
+        return self._head + b'[],"usage":' + orjson.dumps(usage.as_openai()) + self._tail
+
+    @staticmethod
+    def error(error: KimiPoolError) -> bytes:
+        return _frame(error.body())
+
+
+class SSEResponse:
+    """An ASGI response that relays an async iterator of frames as they come.
+
+    It watches for the client going away while the upstream is quiet and, if so, cancels the
+    relay at once (closing the upstream request and freeing the account).
+    """
+
+    def __init__(self, frames: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+        self._frames = frames
+        raw = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+               (b"x-accel-buffering", b"no")]
+        raw.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())
+        self._headers = raw
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        relay = asyncio.ensure_future(self._relay(send))
+        watch = asyncio.ensure_future(self._watch(receive))
+        try:
+            await asyncio.wait((relay, watch), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (relay, watch):
+                if not task.done():
+                    task.cancel()
+            for task in (relay, watch):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            with contextlib.suppress(Exception):
+                await self._frames.aclose()  # type: ignore[attr-defined]
+        if relay.done() and not relay.cancelled() and relay.exception() is not None:
+            exc = relay.exception()
+            if not isinstance(exc, OSError):
+                log.error("stream relay failed", exc_info=exc)
+
+    async def _relay(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+        async for frame in self._frames:
+            await send({"type": "http.response.body", "body": frame, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    @staticmethod
+    async def _watch(receive: Receive) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return

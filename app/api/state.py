@@ -1,0 +1,21 @@
+"""What the endpoints reach through ``request.app.state.gateway``: built by ``main``'s lifespan."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from app.api.auth import Authenticator
+from app.clock import Clock
+from app.config import Settings
+from app.dispatch import Dispatcher
+from app.pool.scheduler import Pool
+
+
+@dataclass(slots=True)
+class Gateway:
+    settings: Settings
+    clock: Clock
+    auth: Authenticator
+    pool: Pool
+    dispatcher: Dispatcher
+    started_at: float

@@ -1,0 +1,196 @@
+"""Where pool, upstreams and store meet: one request, from lease to usage record.
+
+Before the first event reaches the client, a retryable upstream failure is reported to the pool
+and the request moves to another account, bounded by the number of accounts and a deadline.
+After it, a failure ends the stream (the API renders an error event) and is recorded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from app.api.schema import estimate_tokens
+from app.clock import Clock
+from app.errors import (
+    KimiPoolError,
+    ModelNotFound,
+    PoolBusy,
+    PoolUnavailable,
+    QuotaExhausted,
+    RateLimited,
+    Transient,
+    UpstreamError,
+)
+from app.pool.scheduler import Lease, Pool
+from app.store.records import UsageRecord
+from app.upstreams.base import ChatRequest, Completion, Delta, Event, Usage
+from app.upstreams.registry import Registry
+
+
+class UsageSink(Protocol):
+    def put_usage(self, record: UsageRecord) -> None: ...
+
+
+@dataclass(slots=True)
+class RequestContext:
+    request_id: str
+    client: str | None
+    started: float = field(default_factory=time.perf_counter)
+    account: str | None = None
+    attempts: int = 0
+
+
+class Dispatcher:
+    def __init__(self, pool: Pool, registry: Registry, usage: UsageSink, clock: Clock, *,
+                 failover_deadline: float = 60.0) -> None:
+        self._pool = pool
+        self._registry = registry
+        self._usage = usage
+        self._clock = clock
+        self._deadline = failover_deadline
+
+    def check_model(self, model: str) -> None:
+        if model not in self._pool.models():
+            raise ModelNotFound(f"The model '{model}' does not exist or no enabled account serves it.",
+                                param="model")
+
+    # --- failover ------------------------------------------------------------------------------
+
+    def _lease(self, request: ChatRequest, tried: set[str], last: UpstreamError | None, ctx: RequestContext) -> Lease:
+        lease = self._pool.acquire(request.model, tried)
+        if lease is None:
+            raise self._no_account(request.model, last)
+        ctx.attempts += 1
+        ctx.account = lease.account.name
+        tried.add(lease.account.name)
+        return lease
+
+    def _no_account(self, model: str, last: UpstreamError | None) -> KimiPoolError:
+        wait = self._pool.next_free_in(model)
+        why = f" Last upstream error: {last.message}" if last is not None else ""
+        if wait is None:
+            return PoolUnavailable(f"No account can serve '{model}' now: all are disabled, dead or out of quota.{why}")
+        if last is None or isinstance(last, RateLimited | QuotaExhausted):
+            return PoolBusy(f"Every account serving '{model}' is busy or rate-limited; retry later.{why}",
+                            retry_after=max(1.0, wait))
+        return PoolUnavailable(f"Every account serving '{model}' failed.{why}", retry_after=max(1.0, wait))
+
+    def _failed(self, lease: Lease, error: UpstreamError, deadline: float) -> None:
+        lease.release()
+        self._pool.report(lease.account, error)
+        if not error.retryable or self._clock.time() > deadline:
+            raise error
+
+    # --- the two shapes of a request -----------------------------------------------------------
+
+    async def complete(self, request: ChatRequest, ctx: RequestContext) -> Completion:
+        tried: set[str] = set()
+        last: UpstreamError | None = None
+        deadline = self._clock.time() + self._deadline
+        status, outcome, usage = 200, "ok", None
+        try:
+            while True:
+                lease = self._lease(request, tried, last, ctx)
+                account = lease.account
+                try:
+                    completion = await self._registry.get(account.kind).complete(account, request, request.model)
+                except UpstreamError as error:
+                    self._failed(lease, error, deadline)
+                    last = error
+                    continue
+                lease.release()
+                self._pool.succeeded(account)
+                usage = completion.usage or Usage(estimate_tokens(request.messages),
+                                                  len(completion.content or "") // 4)
+                completion.usage = usage
+                return completion
+        except KimiPoolError as error:
+            status, outcome = error.status, error.code or error.type
+            raise
+        except asyncio.CancelledError:
+            status, outcome = 499, "client_closed"
+            raise
+        finally:
+            self._record(request, ctx, usage, status, outcome)
+
+    async def stream(self, request: ChatRequest, ctx: RequestContext) -> AsyncIterator[Event]:
+        """Events of one answer. The first ``__anext__`` does the failover; errors after it end the stream."""
+        tried: set[str] = set()
+        last: UpstreamError | None = None
+        deadline = self._clock.time() + self._deadline
+        status, outcome = 200, "ok"
+        usage: Usage | None = None
+        chars = 0
+        lease: Lease | None = None
+        events: AsyncIterator[Event] | None = None
+        try:
+            while True:
+                lease = self._lease(request, tried, last, ctx)
+                account = lease.account
+                events = self._registry.get(account.kind).stream(account, request, request.model)
+                try:
+                    first = await anext(events)
+                except StopAsyncIteration:
+                    error: UpstreamError = Transient("The upstream ended the stream without an answer.")
+                except UpstreamError as exc:
+                    error = exc
+                else:
+                    break
+                await events.aclose()  # type: ignore[attr-defined]
+                events = None
+                failed = lease
+                lease = None
+                self._failed(failed, error, deadline)
+                last = error
+            event: Event = first
+            while True:
+                if type(event) is Delta:
+                    chars += len(event.content or "") + len(event.reasoning or "")
+                elif type(event) is Usage:
+                    usage = event
+                yield event
+                try:
+                    event = await anext(events)
+                except StopAsyncIteration:
+                    break
+            if usage is None:
+                usage = Usage(estimate_tokens(request.messages), chars // 4)
+                yield usage
+            self._pool.succeeded(account)
+        except KimiPoolError as error:
+            status, outcome = error.status, error.code or error.type
+            if lease is not None and isinstance(error, UpstreamError):
+                self._pool.report(lease.account, error)
+            raise
+        except (asyncio.CancelledError, GeneratorExit):
+            status, outcome = 499, "client_closed"
+            raise
+        finally:
+            if events is not None:
+                await events.aclose()  # type: ignore[attr-defined]
+            if lease is not None:
+                lease.release()
+            if usage is None:
+                usage = Usage(estimate_tokens(request.messages), chars // 4)
+            self._record(request, ctx, usage, status, outcome)
+
+    def _record(self, request: ChatRequest, ctx: RequestContext, usage: Usage | None, status: int,
+                outcome: str) -> None:
+        self._usage.put_usage(UsageRecord(
+            ts=self._clock.time(),
+            request_id=ctx.request_id,
+            account=ctx.account,
+            client_key=ctx.client,
+            model=request.model,
+            stream=request.stream,
+            prompt_tokens=usage.prompt_tokens if usage else 0,
+            completion_tokens=usage.completion_tokens if usage else 0,
+            latency_ms=(time.perf_counter() - ctx.started) * 1000.0,
+            status=status,
+            outcome=outcome,
+            attempts=ctx.attempts,
+        ))

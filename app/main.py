@@ -1,0 +1,122 @@
+"""``create_app``: the ASGI application. Nothing is built at import time; the lifespan builds and
+closes everything (database, write-behind queue, pool, upstream session, sync loop)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+import aiohttp
+import orjson
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from app.api.auth import Authenticator
+from app.api.chat import chat_completions
+from app.api.errors import RequestIdMiddleware, handle_http_exception, handle_kimi_pool_error
+from app.api.models import get_model, list_models
+from app.api.state import Gateway
+from app.clock import Clock, SystemClock
+from app.config import Settings, load_accounts_toml
+from app.dispatch import Dispatcher
+from app.errors import KimiPoolError
+from app.pool.account import Account
+from app.pool.scheduler import Pool
+from app.store.db import Database
+from app.store.repository import AccountRepository
+from app.store.writer import WriteBehind
+from app.sync import AccountSync
+from app.upstreams.http import create_session
+from app.upstreams.registry import Registry
+
+log = logging.getLogger("kimi_pool")
+
+
+async def healthz(request: Request) -> Response:
+    gateway: Gateway = request.app.state.gateway
+    states: dict[str, int] = {}
+    for account in gateway.pool.accounts.values():
+        states[account.state.value] = states.get(account.state.value, 0) + 1
+    return Response(orjson.dumps({"status": "ok", "accounts": states}), media_type="application/json")
+
+
+async def import_accounts(db: Database, settings: Settings, clock: Clock) -> None:
+    assert settings.accounts_file is not None
+    specs = load_accounts_toml(settings.accounts_file)
+    async with db.session() as session, session.begin():
+        repo = AccountRepository(session)
+        for spec in specs:
+            await repo.upsert(spec, clock.time())
+    log.info("imported %d account(s) from %s", len(specs), settings.accounts_file)
+
+
+def create_app(settings: Settings, *, clock: Clock | None = None,
+               transport: aiohttp.BaseConnector | None = None) -> Starlette:
+    clock = clock or SystemClock()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        db = Database(settings.db_url)
+        await db.upgrade()
+        if settings.accounts_file is not None:
+            await import_accounts(db, settings, clock)
+        writer = WriteBehind(db, clock=clock, interval=settings.flush_interval)
+        writer.start()
+        pool = Pool(clock)
+        auth = Authenticator(settings.master_key)
+        sync = AccountSync(db, pool, auth, clock)
+
+        def persist(account: Account) -> None:
+            if account.state != "disabled":
+                writer.put_state(account.name, account.state, account.until, account.reason)
+
+        pool.on_state_change(persist)
+        await sync.load()
+        session = create_session(settings, connector=transport)
+        registry = Registry.default(session, clock)
+        dispatcher = Dispatcher(pool, registry, writer, clock, failover_deadline=settings.failover_deadline)
+        app.state.gateway = Gateway(settings, clock, auth, pool, dispatcher, clock.time())
+        app.state.writer = writer
+        app.state.sync = sync
+        sync_task = asyncio.create_task(sync.run(settings.sync_interval))
+        try:
+            yield
+        finally:
+            sync_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await sync_task
+            await registry.close()
+            await session.close()
+            await writer.close()
+            await db.dispose()
+
+    routes = [
+        Route("/healthz", healthz, methods=["GET"]),
+        Route("/v1/models", list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+    ]
+    middleware = [
+        Middleware(RequestIdMiddleware),
+        Middleware(
+            CORSMiddleware,
+            allow_origins=list(settings.cors_origins),
+            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_headers=["*"],
+            expose_headers=["x-request-id", "retry-after", "x-kimi-pool-account"],
+            max_age=600,
+        ),
+    ]
+    return Starlette(
+        routes=routes,
+        middleware=middleware,
+        exception_handlers={KimiPoolError: handle_kimi_pool_error, HTTPException: handle_http_exception},
+        lifespan=lifespan,
+    )

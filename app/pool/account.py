@@ -1,0 +1,122 @@
+"""One upstream account as the pool sees it: its spec, its state machine, what it has in flight.
+
+States and the transitions allowed between them are explicit; anything else raises
+``IllegalTransition``. ``disabled`` is the operator's; the others are the server's judgement.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from app.config import AccountSpec
+
+
+class State(StrEnum):
+    ACTIVE = "active"
+    COOLING_DOWN = "cooling_down"
+    QUOTA_EXHAUSTED = "quota_exhausted"
+    AUTH_DEAD = "auth_dead"
+    DISABLED = "disabled"
+
+
+_ALLOWED: dict[State, frozenset[State]] = {
+    State.ACTIVE: frozenset({State.COOLING_DOWN, State.QUOTA_EXHAUSTED, State.AUTH_DEAD, State.DISABLED}),
+    State.COOLING_DOWN: frozenset(
+        {State.ACTIVE, State.COOLING_DOWN, State.QUOTA_EXHAUSTED, State.AUTH_DEAD, State.DISABLED}
+    ),
+    State.QUOTA_EXHAUSTED: frozenset({State.ACTIVE, State.QUOTA_EXHAUSTED, State.AUTH_DEAD, State.DISABLED}),
+    State.AUTH_DEAD: frozenset({State.ACTIVE, State.DISABLED}),
+    State.DISABLED: frozenset({State.ACTIVE}),
+}
+
+
+class IllegalTransition(RuntimeError):
+    pass
+
+
+class Account:
+    """Mutable runtime view of an account. Only the pool changes it."""
+
+    __slots__ = (
+        "concurrency", "in_flight", "kind", "models", "name", "reason", "rev", "secret", "spec", "state",
+        "streak", "until", "weight",
+    )
+
+    def __init__(
+        self,
+        spec: AccountSpec,
+        secret: str | None,
+        *,
+        rev: int = 1,
+        state: State = State.ACTIVE,
+        until: float | None = None,
+        reason: str | None = None,
+    ) -> None:
+        self.spec = spec
+        self.secret = secret
+        self.name = spec.name
+        self.kind = spec.kind
+        self.models = frozenset(spec.effective_models())
+        self.weight = spec.weight
+        self.concurrency = spec.concurrency
+        self.rev = rev
+        self.state = state
+        self.until = until
+        self.reason = reason
+        self.in_flight = 0
+        self.streak = 0
+        """Consecutive rate-limit answers; escalates cooldowns, reset by a success."""
+
+    def __repr__(self) -> str:
+        return f"<Account {self.name} {self.state} in_flight={self.in_flight}>"
+
+    # --- reading -------------------------------------------------------------------------------
+
+    def refresh(self, now: float) -> bool:
+        """Return to service if a timed state has run out; True if the state changed."""
+        if self.state in (State.COOLING_DOWN, State.QUOTA_EXHAUSTED) and self.until is not None and now >= self.until:
+            self._move(State.ACTIVE, None, None)
+            return True
+        return False
+
+    def has_room(self) -> bool:
+        return self.concurrency is None or self.in_flight < self.concurrency
+
+    def could_serve_later(self) -> bool:
+        """Not dead, not disabled, not out of quota without an end: it may serve once time passes."""
+        if self.state in (State.AUTH_DEAD, State.DISABLED):
+            return False
+        return not (self.state is State.QUOTA_EXHAUSTED and self.until is None)
+
+    def free_at(self, now: float) -> float | None:
+        """Earliest time this account could take a request, None if it cannot without an operator."""
+        if not self.could_serve_later():
+            return None
+        if self.state is State.ACTIVE:
+            return now
+        return self.until
+
+    # --- transitions ---------------------------------------------------------------------------
+
+    def _move(self, state: State, until: float | None, reason: str | None) -> None:
+        if state not in _ALLOWED[self.state]:
+            raise IllegalTransition(f"account {self.name}: {self.state} -> {state} is not allowed")
+        self.state = state
+        self.until = until
+        self.reason = reason
+
+    def cool_down(self, until: float, reason: str) -> None:
+        self._move(State.COOLING_DOWN, until, reason)
+
+    def exhaust(self, until: float | None, reason: str) -> None:
+        self._move(State.QUOTA_EXHAUSTED, until, reason)
+
+    def kill(self, reason: str) -> None:
+        self._move(State.AUTH_DEAD, None, reason)
+
+    def disable(self, reason: str | None) -> None:
+        self._move(State.DISABLED, None, reason)
+
+    def enable(self) -> None:
+        self._move(State.ACTIVE, None, None)
+        self.streak = 0

@@ -1,0 +1,176 @@
+"""The database handle: one async engine, a session factory, and the migrations runner.
+
+``Database(url)`` works on SQLite (``sqlite+aiosqlite:///path``) and PostgreSQL
+(``postgresql+asyncpg://...``). SQLite gets its parent directory created and, on every new
+connection, WAL journaling, ``synchronous=NORMAL``, a 5 s busy timeout and foreign keys.
+Every failure to understand the URL or to reach the database is a one-line ``ConfigError``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.util import CommandError
+from sqlalchemy import Connection, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
+from sqlalchemy.pool import StaticPool
+
+import app
+from app.config import DEFAULT_DB_URL
+from app.errors import ConfigError
+
+_SQLITE_PRAGMAS = (
+    "PRAGMA journal_mode=WAL",
+    "PRAGMA synchronous=NORMAL",
+    "PRAGMA busy_timeout=5000",
+    "PRAGMA foreign_keys=ON",
+)
+
+
+def migrations_dir() -> Path:
+    """The alembic scripts, next to the ``app`` package (the project is installed editable)."""
+    return Path(app.__file__).resolve().parent.parent / "migrations"
+
+
+class Database:
+    def __init__(self, url: str) -> None:
+        self.url = url
+        parsed = _parse_url(url)
+        self.display_url = parsed.render_as_string(hide_password=True)
+        self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        options: dict[str, Any] = {"hide_parameters": True}  # bound values (secrets) stay out of errors
+        in_memory = False
+        if self.is_sqlite:
+            in_memory = _prepare_sqlite_path(parsed)
+            if in_memory:  # one shared connection, or every connection would see its own empty database
+                options["poolclass"] = StaticPool
+        else:
+            options["pool_pre_ping"] = True
+        try:
+            self.engine: AsyncEngine = create_async_engine(parsed, **options)
+        except ImportError as exc:
+            raise ConfigError(f"the driver for {self.display_url} is not installed: {_reason(exc)}") from None
+        except (ArgumentError, NoSuchModuleError) as exc:
+            raise ConfigError(f"bad database URL {self.display_url}: {_reason(exc)}") from None
+        except SQLAlchemyError as exc:  # e.g. a sync driver: "the asyncio extension requires an async driver"
+            raise ConfigError(
+                f"bad database URL {self.display_url}: {_reason(exc)} "
+                "(use sqlite+aiosqlite:///… or postgresql+asyncpg://…)"
+            ) from None
+        if self.is_sqlite:
+            event.listen(self.engine.sync_engine, "connect", _sqlite_on_connect)
+        self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
+
+    def __repr__(self) -> str:
+        return f"Database({self.display_url!r})"
+
+    def session(self) -> AsyncSession:
+        """A new session, to be used as ``async with db.session() as s, s.begin(): ...``."""
+        return self._sessions()
+
+    async def upgrade(self) -> str | None:
+        """Run the migrations up to head (a no-op when already there); return the revision."""
+        config = _alembic_config()
+        async with self._connect() as connection:
+            try:
+                revision = await connection.run_sync(_upgrade_to_head, config)
+                await connection.commit()
+            except CommandError as exc:
+                raise ConfigError(f"cannot migrate {self.display_url}: {_reason(exc)}") from None
+            except (SQLAlchemyError, OSError) as exc:
+                raise ConfigError(f"migrating {self.display_url} failed: {_reason(exc)}") from None
+        return revision
+
+    async def current_revision(self) -> str | None:
+        """The schema revision the database is at (``None`` for an empty database)."""
+        async with self._connect() as connection:
+            try:
+                return await connection.run_sync(_current_revision)
+            except SQLAlchemyError as exc:
+                raise ConfigError(f"cannot read {self.display_url}: {_reason(exc)}") from None
+
+    async def dispose(self) -> None:
+        await self.engine.dispose()
+
+    @contextlib.asynccontextmanager
+    async def _connect(self) -> AsyncIterator[AsyncConnection]:
+        try:
+            connection = await self.engine.connect()
+        except (SQLAlchemyError, OSError) as exc:
+            raise ConfigError(f"cannot open database {self.display_url}: {_reason(exc)}") from None
+        try:
+            yield connection
+        finally:
+            await connection.close()
+
+
+def _parse_url(url: str) -> URL:
+    try:
+        return make_url(url)
+    except (ArgumentError, ValueError):
+        raise ConfigError(f"bad database URL {url!r}: expected e.g. {DEFAULT_DB_URL}") from None
+
+
+def _prepare_sqlite_path(url: URL) -> bool:
+    """Create the database file's directory; return True for an in-memory database."""
+    database = url.database or ""
+    if database in ("", ":memory:") or url.query.get("mode") == "memory":
+        return True
+    if database.startswith("file:"):  # a URI filename: leave it to SQLite
+        return False
+    parent = Path(database).expanduser().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot create the database directory {parent}: {exc.strerror or exc}") from None
+    return False
+
+
+def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        for pragma in _SQLITE_PRAGMAS:
+            cursor.execute(pragma)
+    finally:
+        cursor.close()
+
+
+def _alembic_config() -> Config:
+    location = migrations_dir()
+    if not (location / "env.py").is_file():
+        raise ConfigError(f"migrations not found at {location} (install kimi-pool with 'pip install -e .')")
+    config = Config()
+    config.set_main_option("script_location", str(location).replace("%", "%%"))
+    return config
+
+
+def _upgrade_to_head(connection: Connection, config: Config) -> str | None:
+    config.attributes["connection"] = connection
+    command.upgrade(config, "head")
+    return _current_revision(connection)
+
+
+def _current_revision(connection: Connection) -> str | None:
+    return MigrationContext.configure(connection).get_current_revision()
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of what went wrong, from the driver's error where there is one."""
+    orig = getattr(exc, "orig", None)
+    source = orig if isinstance(orig, BaseException) else exc
+    text = str(source).strip() or type(source).__name__
+    return text.splitlines()[0]

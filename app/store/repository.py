@@ -1,0 +1,244 @@
+"""Repositories: typed reads and writes over one ``AsyncSession``.
+
+They flush (so constraint problems surface where they happen) but never commit: the caller owns
+the transaction, e.g. ``async with db.session() as s, s.begin(): await AccountRepository(s).add(...)``.
+Times are passed in (``now``) from the injected clock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import re
+import secrets
+from collections.abc import Sequence
+from typing import Any, Literal, cast
+
+from sqlalchemy import CursorResult, case, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import AccountSpec
+from app.errors import ConfigError
+from app.store.models import AccountRow, ClientKeyRow, HealthEventRow, UsageRow
+from app.store.records import StateChange, UsageRecord, UsageTotals
+
+KEY_PREFIX = "kp-"
+_KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+UpsertResult = Literal["created", "updated", "unchanged"]
+CONFIG_DISABLED_REASON = "disabled in accounts file"
+
+
+def hash_key(key: str) -> str:
+    """What is stored of a client key: its SHA-256, hex."""
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+class AccountRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def list(self) -> Sequence[AccountRow]:
+        """All accounts, in the order they were added."""
+        return (await self._session.scalars(select(AccountRow).order_by(AccountRow.id))).all()
+
+    async def get(self, name: str) -> AccountRow:
+        row = await self._find(name)
+        if row is None:
+            raise ConfigError(f"no account named {name}")
+        return row
+
+    async def add(self, spec: AccountSpec, now: float) -> AccountRow:
+        if await self._find(spec.name) is not None:
+            raise ConfigError(f"an account named {spec.name} already exists")
+        row = AccountRow(name=spec.name, enabled=True, state="active", config_rev=1,
+                         created_at=now, updated_at=now)
+        _apply_spec(row, spec)
+        self._session.add(row)
+        await self._session.flush()
+        return row
+
+    async def upsert(self, spec: AccountSpec, now: float) -> UpsertResult:
+        """Make the stored account match ``spec`` (import); an update bumps ``config_rev``.
+
+        ``enabled = false`` in the file disables the account, and ``true`` undoes only that: an
+        account an operator disabled (``set_enabled``) stays disabled, so a re-import or a
+        restart with ``accounts_file`` does not quietly bring back a key taken out on purpose.
+        """
+        row = await self._find(spec.name)
+        if row is None:
+            await self.add(spec, now)
+            return "created"
+        operator_disabled = not row.enabled and row.disabled_reason != CONFIG_DISABLED_REASON
+        if operator_disabled and spec.enabled:
+            spec = dataclasses.replace(spec, enabled=False)
+        if self.to_spec(row) == spec:
+            return "unchanged"
+        was_enabled = row.enabled
+        _apply_spec(row, spec)
+        if spec.enabled and not was_enabled:
+            _revive(row)
+        _touch(row, now)
+        await self._session.flush()
+        return "updated"
+
+    async def set_enabled(self, name: str, enabled: bool, reason: str | None, now: float) -> AccountRow:
+        """Enable or disable by operator. Enabling also revives the runtime state (e.g. ``auth_dead``)."""
+        row = await self.get(name)
+        row.enabled = enabled
+        if enabled:
+            row.disabled_reason = None
+            _revive(row)
+        else:
+            row.disabled_reason = reason
+        _touch(row, now)
+        await self._session.flush()
+        return row
+
+    async def remove(self, name: str) -> None:
+        await self._session.delete(await self.get(name))
+        await self._session.flush()
+
+    async def save_state(self, name: str, state: str, until: float | None, reason: str | None) -> bool:
+        """Runtime state, written by the server; leaves ``config_rev`` alone. False if no such account."""
+        result = await self._session.execute(
+            update(AccountRow)
+            .where(AccountRow.name == name)
+            .values(state=state, state_until=until, state_reason=reason)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(cast(CursorResult[Any], result).rowcount)
+
+    async def revisions(self) -> dict[str, int]:
+        """name → config_rev: a cheap poll that tells the server which accounts changed."""
+        rows = await self._session.execute(select(AccountRow.name, AccountRow.config_rev))
+        return {name: rev for name, rev in rows}
+
+    @staticmethod
+    def to_spec(row: AccountRow) -> AccountSpec:
+        return AccountSpec(
+            name=row.name,
+            kind=row.kind,
+            secret=row.secret,
+            base_url=row.base_url,
+            models=tuple(row.models or ()),
+            rpm=row.rpm,
+            tpm=row.tpm,
+            tpd=row.tpd,
+            concurrency=row.concurrency,
+            weight=row.weight,
+            proxy=row.proxy,
+            enabled=row.enabled,
+            extra=dict(row.options or {}),
+        )
+
+    async def _find(self, name: str) -> AccountRow | None:
+        return await self._session.scalar(select(AccountRow).where(AccountRow.name == name))
+
+
+def _apply_spec(row: AccountRow, spec: AccountSpec) -> None:
+    row.kind = spec.kind
+    row.secret = spec.secret
+    row.base_url = spec.base_url
+    row.models = list(spec.models)
+    row.rpm, row.tpm, row.tpd, row.concurrency = spec.rpm, spec.tpm, spec.tpd, spec.concurrency
+    row.weight = spec.weight
+    row.proxy = spec.proxy
+    row.options = dict(spec.extra)
+    if spec.enabled:
+        row.disabled_reason = None
+    elif row.enabled:  # newly disabled, by the file; an operator's disable keeps its own reason
+        row.disabled_reason = CONFIG_DISABLED_REASON
+    row.enabled = spec.enabled
+
+
+def _revive(row: AccountRow) -> None:
+    row.state, row.state_until, row.state_reason = "active", None, None
+
+
+def _touch(row: AccountRow, now: float) -> None:
+    row.config_rev += 1
+    row.updated_at = now
+
+
+class ClientKeyRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def create(self, name: str, now: float) -> str:
+        """Create a key; the plaintext is returned once and only its hash and prefix are stored."""
+        if not isinstance(name, str) or not _KEY_NAME.match(name):
+            raise ConfigError(f"bad key name {name!r}: use letters, digits, '.', '_' or '-' (max 64)")
+        if await self._find(name) is not None:
+            raise ConfigError(f"a key named {name} already exists (revoked keys keep their name)")
+        key = KEY_PREFIX + secrets.token_urlsafe(32)
+        self._session.add(ClientKeyRow(name=name, key_hash=hash_key(key), key_prefix=key[:8], created_at=now))
+        await self._session.flush()
+        return key
+
+    async def list(self) -> Sequence[ClientKeyRow]:
+        return (await self._session.scalars(select(ClientKeyRow).order_by(ClientKeyRow.id))).all()
+
+    async def revoke(self, name: str, now: float) -> bool:
+        """Revoke a key; False if it was already revoked."""
+        row = await self._find(name)
+        if row is None:
+            raise ConfigError(f"no key named {name}")
+        if row.revoked_at is not None:
+            return False
+        row.revoked_at = now
+        await self._session.flush()
+        return True
+
+    async def active_hashes(self) -> dict[str, str]:
+        """SHA-256 hex → key name, for every key not revoked."""
+        rows = await self._session.execute(
+            select(ClientKeyRow.key_hash, ClientKeyRow.name).where(ClientKeyRow.revoked_at.is_(None))
+        )
+        return {key_hash: name for key_hash, name in rows}
+
+    async def _find(self, name: str) -> ClientKeyRow | None:
+        return await self._session.scalar(select(ClientKeyRow).where(ClientKeyRow.name == name))
+
+
+class UsageRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def add_many(self, records: Sequence[UsageRecord]) -> None:
+        if records:
+            await self._session.execute(insert(UsageRow), [dataclasses.asdict(r) for r in records])
+
+    async def totals(self, since: float) -> UsageTotals:
+        """Requests, failures (HTTP status >= 400) and tokens since ``since``."""
+        row = (await self._session.execute(
+            select(
+                func.count(UsageRow.id),
+                func.coalesce(func.sum(case((UsageRow.status >= 400, 1), else_=0)), 0),
+                func.coalesce(func.sum(UsageRow.prompt_tokens), 0),
+                func.coalesce(func.sum(UsageRow.completion_tokens), 0),
+            ).where(UsageRow.ts >= since)
+        )).one()
+        return UsageTotals(*(int(value) for value in row))
+
+
+class HealthRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def add(self, account: str, state: str, until: float | None, reason: str | None,
+                  now: float) -> None:
+        self._session.add(HealthEventRow(ts=now, account=account, state=state, until=until, reason=reason))
+        await self._session.flush()
+
+    async def add_many(self, changes: Sequence[StateChange]) -> None:
+        if changes:
+            await self._session.execute(insert(HealthEventRow), [dataclasses.asdict(c) for c in changes])
+
+    async def recent(self, limit: int = 50, account: str | None = None) -> Sequence[HealthEventRow]:
+        """The latest events first, optionally for one account."""
+        query = (select(HealthEventRow)
+                 .order_by(HealthEventRow.ts.desc(), HealthEventRow.id.desc())
+                 .limit(limit))
+        if account is not None:
+            query = query.where(HealthEventRow.account == account)
+        return (await self._session.scalars(query)).all()

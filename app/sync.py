@@ -1,0 +1,83 @@
+"""Keeps the running pool in step with the accounts table and the client keys.
+
+The CLI and the admin API write the database; the server reads it back every ``interval``
+seconds (one cheap query), so an operator's ``accounts disable`` reaches traffic within seconds
+without a restart. Account rows whose ``config_rev`` did not change are left alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from app.api.auth import Authenticator
+from app.clock import Clock
+from app.config import resolve_secret
+from app.errors import ConfigError
+from app.pool.account import Account, State
+from app.pool.scheduler import Pool
+from app.store.db import Database
+from app.store.models import AccountRow
+from app.store.repository import AccountRepository, ClientKeyRepository
+
+log = logging.getLogger("kimi_pool.sync")
+
+
+def account_from_row(row: AccountRow) -> Account:
+    spec = AccountRepository.to_spec(row)
+    state, reason = State(row.state), row.state_reason
+    try:
+        secret = resolve_secret(spec.secret)
+    except ConfigError as exc:
+        secret, state, reason = None, State.AUTH_DEAD, exc.message
+    if not row.enabled:
+        state, reason = State.DISABLED, row.disabled_reason
+    until = row.state_until if state in (State.COOLING_DOWN, State.QUOTA_EXHAUSTED) else None
+    return Account(spec, secret, rev=row.config_rev, state=state, until=until, reason=reason)
+
+
+class AccountSync:
+    def __init__(self, db: Database, pool: Pool, auth: Authenticator, clock: Clock) -> None:
+        self._db = db
+        self._pool = pool
+        self._auth = auth
+        self._clock = clock
+        self._generation = 0
+        self._loaded = asyncio.Condition()
+
+    @property
+    def generation(self) -> int:
+        """How many times the pool has been reloaded from the database."""
+        return self._generation
+
+    async def load(self) -> None:
+        async with self._db.session() as session:
+            rows = await AccountRepository(session).list()
+            hashes = await ClientKeyRepository(session).active_hashes()
+        seen = set()
+        for row in rows:
+            seen.add(row.name)
+            current = self._pool.accounts.get(row.name)
+            if current is None or current.rev != row.config_rev:
+                self._pool.put(account_from_row(row))
+                log.info("account %s loaded (rev %d)", row.name, row.config_rev)
+        for name in set(self._pool.accounts) - seen:
+            self._pool.remove(name)
+            log.info("account %s removed", name)
+        self._auth.set_client_keys(hashes)
+        async with self._loaded:
+            self._generation += 1
+            self._loaded.notify_all()
+
+    async def wait_generation(self, generation: int) -> None:
+        """Return once the pool has been reloaded at least ``generation`` times."""
+        async with self._loaded:
+            await self._loaded.wait_for(lambda: self._generation >= generation)
+
+    async def run(self, interval: float) -> None:
+        while True:
+            await self._clock.sleep(interval)
+            try:
+                await self.load()
+            except Exception:
+                log.exception("reloading accounts from the database failed; will try again")

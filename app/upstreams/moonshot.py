@@ -1,0 +1,218 @@
+"""Adapter for the official Moonshot / Kimi Open Platform API (OpenAI-compatible JSON and SSE).
+
+PROTOCOLS.md §4. Errors are classified on the body's ``type`` first; the message is read only to
+pick the window and the seconds to wait.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import orjson
+
+from app.clock import Clock
+from app.errors import (
+    AuthDead,
+    QuotaExhausted,
+    RateLimited,
+    Transient,
+    UpstreamBadRequest,
+    UpstreamError,
+    UpstreamOverloaded,
+)
+from app.pool.account import Account
+from app.upstreams.base import ChatRequest, Completion, Delta, Event, Finish, Usage
+from app.upstreams.http import TRANSPORT_ERRORS
+
+PASSTHROUGH = (
+    "temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "stop", "tools", "tool_choice",
+    "response_format", "seed", "logprobs", "top_logprobs", "user", "parallel_tool_calls",
+)
+_MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content", "partial"})
+_PART_KEYS = {"text": ("type", "text"), "image_url": ("type", "image_url"), "video_url": ("type", "video_url")}
+_WAIT = re.compile(r"after\s+(\d+(?:\.\d+)?)\s*s", re.IGNORECASE)
+_DAY = 86_400.0
+_CN_OFFSET = 8 * 3600.0
+"""Moonshot's daily token window rolls over at midnight in China (UTC+8)."""
+
+
+def sanitize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Keep only what the Moonshot API understands (drops ``cache_control`` and the like)."""
+    out = []
+    for message in messages:
+        clean = {k: v for k, v in message.items() if k in _MESSAGE_KEYS}
+        if clean.get("role") == "developer":
+            clean["role"] = "system"
+        content = clean.get("content")
+        if isinstance(content, list):
+            parts = []
+            for part in content:
+                keys = _PART_KEYS.get(part.get("type", "text"))
+                if keys is not None:
+                    parts.append({k: part[k] for k in keys if k in part})
+            clean["content"] = parts
+        out.append(clean)
+    return out
+
+
+def classify(status: int, body: bytes, headers: Any, now: float) -> UpstreamError:
+    """Map a non-200 answer (or an in-stream error object) to the closed error set."""
+    kind = message = None
+    try:
+        error = orjson.loads(body)["error"]
+        kind, message = error.get("type"), error.get("message")
+    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
+        pass
+    message = str(message or f"upstream answered HTTP {status}")
+    if status == 401 or kind in ("invalid_authentication_error", "incorrect_api_key_error"):
+        return AuthDead(f"Moonshot rejected the API key: {message}")
+    if kind == "exceeded_current_quota_error":
+        return QuotaExhausted(f"Moonshot account out of credit: {message}")
+    if kind == "engine_overloaded_error":
+        return UpstreamOverloaded(message, retry_after=_wait_seconds(message, headers) or 1.0)
+    if kind == "rate_limit_reached_error" or status == 429:
+        if "TPD" in message:
+            day_start = (now + _CN_OFFSET) // _DAY * _DAY - _CN_OFFSET
+            return QuotaExhausted(f"daily token limit reached: {message}", until=day_start + _DAY)
+        return RateLimited(message, retry_after=_wait_seconds(message, headers) or 1.0)
+    if status == 404:
+        return UpstreamBadRequest(message, status=404, type="invalid_request_error", code="model_not_found")
+    if 400 <= status < 500:
+        return UpstreamBadRequest(message, status=status, type=kind or "invalid_request_error")
+    return Transient(f"Moonshot upstream error (HTTP {status}): {message[:200]}")
+
+
+def _wait_seconds(message: str, headers: Any) -> float | None:
+    match = _WAIT.search(message)
+    if match:
+        return float(match.group(1))
+    if headers is not None:
+        value = headers.get("Retry-After")
+        if value:
+            try:
+                return float(value)
+            except ValueError:
+                return None
+    return None
+
+
+def _usage(data: Any) -> Usage | None:
+    if not isinstance(data, dict):
+        return None
+    cached = data.get("cached_tokens")
+    if cached is None and isinstance(data.get("prompt_tokens_details"), dict):
+        cached = data["prompt_tokens_details"].get("cached_tokens")
+    return Usage(int(data.get("prompt_tokens") or 0), int(data.get("completion_tokens") or 0), cached)
+
+
+class MoonshotUpstream:
+    kind = "moonshot"
+
+    def __init__(self, session: aiohttp.ClientSession, clock: Clock) -> None:
+        self._session = session
+        self._clock = clock
+
+    def _body(self, request: ChatRequest, model: str, stream: bool) -> bytes:
+        body: dict[str, Any] = {"model": model, "messages": sanitize_messages(request.messages), "stream": stream}
+        if request.max_tokens is not None:
+            body["max_tokens"] = request.max_tokens
+        params = request.params
+        for key in PASSTHROUGH:
+            if key in params:
+                body[key] = params[key]
+        if stream and request.include_usage:
+            body["stream_options"] = {"include_usage": True}
+        return orjson.dumps(body)
+
+    def _headers(self, account: Account, stream: bool) -> dict[str, str]:
+        return {
+            "Authorization": f"Bearer {account.secret}",
+            "Content-Type": "application/json",
+            "Accept": "text/event-stream" if stream else "application/json",
+        }
+
+    async def _fail(self, response: aiohttp.ClientResponse) -> UpstreamError:
+        try:
+            body = await response.read()
+        except TRANSPORT_ERRORS:
+            body = b""
+        return classify(response.status, body, response.headers, self._clock.time())
+
+    async def complete(self, account: Account, request: ChatRequest, model: str) -> Completion:
+        url = f"{account.spec.effective_base_url()}/chat/completions"
+        try:
+            async with self._session.post(
+                url, data=self._body(request, model, False), headers=self._headers(account, False),
+                proxy=account.spec.proxy,
+            ) as response:
+                if response.status != 200:
+                    raise await self._fail(response)
+                raw = await response.read()
+        except TRANSPORT_ERRORS as exc:
+            raise Transient(f"Moonshot upstream unreachable: {type(exc).__name__}") from None
+        try:
+            data = orjson.loads(raw)
+            choice = data["choices"][0]
+            message = choice["message"]
+            return Completion(
+                content=message.get("content"),
+                finish_reason=choice.get("finish_reason") or "stop",
+                usage=_usage(data.get("usage")) or _usage(choice.get("usage")),
+                reasoning=message.get("reasoning_content"),
+                tool_calls=message.get("tool_calls"),
+            )
+        except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
+            raise Transient("Moonshot answered with a malformed completion body") from None
+
+    async def stream(self, account: Account, request: ChatRequest, model: str) -> AsyncIterator[Event]:
+        url = f"{account.spec.effective_base_url()}/chat/completions"
+        finished = False
+        try:
+            async with self._session.post(
+                url, data=self._body(request, model, True), headers=self._headers(account, True),
+                proxy=account.spec.proxy,
+            ) as response:
+                if response.status != 200:
+                    raise await self._fail(response)
+                async for line in response.content:
+                    if not line.startswith(b"data:"):
+                        continue
+                    payload = line[5:].strip()
+                    if payload == b"[DONE]":
+                        if not finished:
+                            raise Transient("Moonshot stream ended without a finish_reason")
+                        return
+                    chunk = orjson.loads(payload)
+                    if "error" in chunk:
+                        error = classify(500, payload, None, self._clock.time())
+                        raise error if not isinstance(error, UpstreamBadRequest) else Transient(error.message)
+                    choices = chunk.get("choices")
+                    if choices:
+                        choice = choices[0]
+                        delta = choice.get("delta") or {}
+                        content = delta.get("content")
+                        reasoning = delta.get("reasoning_content")
+                        tool_calls = delta.get("tool_calls")
+                        if content or reasoning or tool_calls:
+                            yield Delta(content or None, reasoning or None, tool_calls)
+                        reason = choice.get("finish_reason")
+                        if reason and not finished:
+                            finished = True
+                            yield Finish(reason)
+                        usage = _usage(choice.get("usage"))
+                        if usage is not None:
+                            yield usage
+                    usage = _usage(chunk.get("usage"))
+                    if usage is not None:
+                        yield usage
+        except TRANSPORT_ERRORS as exc:
+            raise Transient(f"Moonshot stream broke: {type(exc).__name__}") from None
+        except orjson.JSONDecodeError:
+            raise Transient("Moonshot sent a malformed stream chunk") from None
+        raise Transient("Moonshot stream was cut before [DONE]")
+
+    async def close(self) -> None:
+        return None

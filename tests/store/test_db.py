@@ -1,0 +1,123 @@
+"""Database: a fresh SQLite file migrates to head with WAL on; upgrading again changes nothing."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event, inspect, text
+
+from app.errors import ConfigError
+from app.store.db import Database, migrations_dir
+from app.store.models import Base
+
+
+def head_revision() -> str | None:
+    config = Config()
+    config.set_main_option("script_location", str(migrations_dir()))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = Database(f"sqlite+aiosqlite:///{tmp_path}/nested/dir/kimi-pool.db")
+    yield database
+    await database.dispose()
+
+
+async def test_fresh_file_migrates_to_head(db: Database, tmp_path: Path) -> None:
+    assert await db.current_revision() is None
+    assert await db.upgrade() == head_revision() == "0001"
+    assert (tmp_path / "nested/dir/kimi-pool.db").is_file()
+    assert await db.current_revision() == "0001"
+    async with db.engine.connect() as conn:
+        tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+    assert tables == {"alembic_version", "accounts", "client_keys", "usage", "health_events"}
+
+
+async def test_every_connection_gets_the_pragmas(db: Database) -> None:
+    await db.upgrade()
+    async with db.engine.connect() as conn:
+        values = {p: (await conn.execute(text(f"PRAGMA {p}"))).scalar()
+                  for p in ("journal_mode", "synchronous", "busy_timeout", "foreign_keys")}
+    assert values == {"journal_mode": "wal", "synchronous": 1, "busy_timeout": 5000, "foreign_keys": 1}
+
+
+async def test_second_upgrade_is_a_no_op(db: Database) -> None:
+    await db.upgrade()
+    async with db.engine.begin() as conn:
+        await conn.execute(text("INSERT INTO client_keys (name, key_hash, key_prefix, created_at) "
+                                "VALUES ('k', 'h', 'kp-', 1.0)"))
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement.strip().split()[0].upper())
+
+    event.listen(db.engine.sync_engine, "before_cursor_execute", record)
+    assert await db.upgrade() == "0001"
+    event.remove(db.engine.sync_engine, "before_cursor_execute", record)
+    assert statements  # it did look at alembic_version ...
+    writes = {"CREATE", "ALTER", "DROP", "INSERT", "UPDATE", "DELETE"}
+    assert not set(statements) & writes  # ... and changed nothing
+    async with db.engine.connect() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM client_keys"))).scalar() == 1
+
+
+async def test_the_migration_matches_the_models(db: Database) -> None:
+    await db.upgrade()
+    async with db.engine.connect() as conn:
+        diff = await conn.run_sync(lambda c: compare_metadata(MigrationContext.configure(c), Base.metadata))
+    assert diff == []
+
+
+async def test_sessions_share_the_file(db: Database) -> None:
+    await db.upgrade()
+    async with db.session() as session, session.begin():
+        await session.execute(text("INSERT INTO health_events (ts, account, state) VALUES (1, 'a', 'up')"))
+    async with db.session() as session:
+        assert (await session.execute(text("SELECT account FROM health_events"))).scalar() == "a"
+
+
+async def test_in_memory_database_keeps_its_schema() -> None:
+    database = Database("sqlite+aiosqlite://")
+    try:
+        await database.upgrade()
+        async with database.session() as session:
+            assert (await session.execute(text("SELECT count(*) FROM accounts"))).scalar() == 0
+    finally:
+        await database.dispose()
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("not a url", "bad database URL"),
+    ("sqlite:///x.db", "async driver"),
+    ("nosuchdb+driver://host/db", "bad database URL"),
+])
+def test_bad_urls_are_one_line_config_errors(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        Database(url)
+    assert "\n" not in info.value.message
+
+
+async def test_unusable_database_is_a_config_error(tmp_path: Path) -> None:
+    not_a_db = tmp_path / "junk.db"
+    not_a_db.write_bytes(b"this is not an SQLite file" * 100)
+    database = Database(f"sqlite+aiosqlite:///{not_a_db}")
+    try:
+        with pytest.raises(ConfigError, match=r"cannot open database .*junk\.db: file is not a database"):
+            await database.upgrade()
+    finally:
+        await database.dispose()
+
+
+async def test_password_is_masked_in_errors() -> None:
+    with pytest.raises(ConfigError) as info:
+        Database("postgresql+nosuchdriver://user:hunter2@db.example/kimi")
+    assert "hunter2" not in info.value.message
+    assert "user:***@db.example" in info.value.message

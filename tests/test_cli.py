@@ -1,0 +1,300 @@
+"""The command line, run in-process on real SQLite files: good paths, and one line per mistake."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from app.cli import run
+from app.store.db import Database
+from app.store.repository import AccountRepository, hash_key
+
+SECRET = "sk-live-0123456789abcdefSECRET"
+
+
+class Cli:
+    def __init__(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        self.path = tmp_path / "data" / "kimi-pool.db"
+        self.url = f"sqlite+aiosqlite:///{self.path}"
+        self._capsys = capsys
+
+    def __call__(self, *args: str, db: bool = True) -> tuple[int, str, str]:
+        code = run([*(["--db", self.url] if db else []), *args])
+        out, err = self._capsys.readouterr()
+        return code, out, err
+
+    def ok(self, *args: str) -> str:
+        code, out, err = self(*args)
+        assert (code, err) == (0, ""), err
+        return out
+
+    def fails(self, *args: str, code: int = 1, db: bool = True) -> str:
+        """Run a command that must fail; return its one-line message."""
+        status, out, err = self(*args, db=db)
+        assert status == code, (status, out, err)
+        assert err.count("\n") == 1 and err.startswith("kimi-pool: error: "), err
+        assert "Traceback" not in err + out
+        return err.removeprefix("kimi-pool: error: ").rstrip("\n")
+
+    def accounts(self) -> list[dict[str, object]]:
+        return json.loads(self.ok("accounts", "list", "--json"))  # type: ignore[no-any-return]
+
+    def stored_bytes(self) -> bytes:
+        return b"".join(p.read_bytes() for p in self.path.parent.iterdir())
+
+
+@pytest.fixture
+def cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Cli:
+    return Cli(tmp_path, capsys)
+
+
+def write(tmp_path: Path, text: str, name: str = "accounts.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return str(path)
+
+
+# --- accounts: good paths -------------------------------------------------------------------------
+
+
+def test_add_then_list_masks_the_secret(cli: Cli) -> None:
+    out = cli.ok("accounts", "add", "main", "--kind", "moonshot", "--api-key", SECRET, "--rpm", "60",
+                 "--tpm", "100000", "--concurrency", "4", "--model", "kimi-k2.5", "--model", "moonshot-v1-8k",
+                 "--weight", "2", "--proxy", "http://user:hunter2@proxy.test:8080")
+    assert out == "added account main (moonshot)\n"
+    table = cli.ok("accounts", "list")
+    for expected in ("main", "moonshot", "active", "kimi-k2.5, moonshot-v1-8k", "rpm=60", "tpm=100000",
+                     "concurrency=4", "sk-l…CRET"):
+        assert expected in table
+    [view] = cli.accounts()
+    assert view["key"] == "sk-l…CRET" and view["proxy"] == "http://***@proxy.test:8080"
+    assert (view["rpm"], view["tpd"], view["weight"]) == (60, None, 2.0)
+    assert view["models"] == ["kimi-k2.5", "moonshot-v1-8k"]
+    assert SECRET not in table + json.dumps(view) and "hunter2" not in table + json.dumps(view)
+
+
+def test_list_empty_and_fresh_file_is_created(cli: Cli) -> None:
+    assert "no accounts yet" in cli.ok("accounts", "list")
+    assert cli.path.is_file()
+    assert cli.accounts() == []
+
+
+def test_disable_enable_remove(cli: Cli) -> None:
+    cli.ok("accounts", "add", "w1", "--kind", "kimi-web", "--token", "env:KIMI_TOKEN")
+    assert cli.ok("accounts", "disable", "w1", "--reason", "token expired") == "disabled account w1\n"
+    [view] = cli.accounts()
+    assert (view["state"], view["reason"], view["key"]) == ("disabled", "token expired", "env:KIMI_TOKEN")
+    assert "token expired" in cli.ok("accounts", "list")
+    assert cli.ok("accounts", "enable", "w1").startswith("enabled account w1")
+    [view] = cli.accounts()
+    assert (view["state"], view["reason"], view["config_rev"]) == ("active", None, 3)
+    assert cli.ok("accounts", "remove", "w1") == "removed account w1\n"
+    assert cli.accounts() == []
+
+
+def test_enable_revives_a_dead_account_and_list_shows_runtime_state(cli: Cli) -> None:
+    cli.ok("accounts", "add", "a", "--kind", "kimi-ai-chat")
+
+    async def server_marks_it() -> None:  # what the running server does through the write-behind
+        db = Database(cli.url)
+        try:
+            async with db.session() as session, session.begin():
+                repo = AccountRepository(session)
+                await repo.save_state("a", "cooling_down", time.time() + 300, "429 burst")
+        finally:
+            await db.dispose()
+
+    asyncio.run(server_marks_it())
+    table = cli.ok("accounts", "list")
+    assert "cooling_down" in table and "429 burst" in table and "(in 4m)" in table
+    cli.ok("accounts", "enable", "a")
+    [view] = cli.accounts()
+    assert (view["state"], view["until"], view["reason"]) == ("active", None, None)
+
+
+def test_database_from_the_environment(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KIMI_POOL_DB", cli.url)
+    assert run(["accounts", "add", "x", "--kind", "kimi-ai-chat"]) == 0
+    assert cli.path.is_file()
+
+
+def test_default_database_is_in_the_working_directory(tmp_path: Path, cli: Cli,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KIMI_POOL_DB", raising=False)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = cli("accounts", "list", db=False)
+    assert (code, err) == (0, "")
+    assert (tmp_path / "kimi-pool.db").is_file()
+
+
+def test_db_upgrade(cli: Cli) -> None:
+    assert "schema at revision 0001" in cli.ok("db", "upgrade")
+    assert "schema at revision 0001" in cli.ok("db", "upgrade")
+
+
+def test_help_is_the_docstring(cli: Cli) -> None:
+    out = cli.ok("accounts", "--help")
+    assert "Take an account out of the pool" in out and "import" in out
+    assert "Create a client API key" in cli.ok("keys", "--help")
+
+
+# --- accounts: one line per mistake ---------------------------------------------------------------
+
+
+ADD = ["accounts", "add", "x", "--kind"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["accounts", "disable", "nope"], "no account named nope"),
+    (["accounts", "enable", "nope"], "no account named nope"),
+    (["accounts", "remove", "nope"], "no account named nope"),
+    (["accounts", "add", "x", "--kind", "claude"], "account x: unknown kind 'claude'"),
+    (["accounts", "add", "x", "--kind", "moonshot"], "account x: kind moonshot needs an API key"),
+    (["accounts", "add", "x y", "--kind", "kimi-ai-chat"], "bad account name 'x y'"),
+    ([*ADD, "moonshot", "--api-key", "k", "--base-url", "ftp://h"], "bad base URL"),
+    ([*ADD, "moonshot", "--api-key", "k", "--base-url", "nohost"], "bad base URL"),
+    (["accounts", "add", "x", "--kind", "kimi-ai-chat", "--proxy", "gopher://p"], "bad proxy"),
+    (["accounts", "add", "x", "--kind", "kimi-ai-chat", "--rpm", "0"], "rpm must be a positive whole number"),
+    ([*ADD, "kimi-ai-chat", "--weight", "-1"], "weight must be a positive number"),
+    (["accounts", "add", "x", "--kind", "kimi-web", "--api-key", "a", "--token", "b"], "only one of"),
+    (["accounts", "import", "/nonexistent/accounts.toml"], "cannot read /nonexistent/accounts.toml"),
+])
+def test_bad_input_is_one_line_exit_1(cli: Cli, args: list[str], message: str) -> None:
+    assert message in cli.fails(*args)
+
+
+@pytest.mark.parametrize(("args", "message", "command"), [
+    (["accounts", "add", "x", "--kind", "moonshot", "--rpm", "many"], "'--rpm'", "kimi-pool accounts add"),
+    ([*ADD, "moonshot", "--weight", "heavy"], "'--weight'", "kimi-pool accounts add"),
+    (["accounts", "add", "x", "--kind", "moonshot", "--colour", "red"], "No such option: --colour",
+     "kimi-pool accounts add"),
+    (["accounts", "add", "--kind", "moonshot"], "Missing argument", "kimi-pool accounts add"),
+    (["accounts", "add", "x"], "Missing option '--kind'", "kimi-pool accounts add"),
+    (["accounts", "disable"], "Missing argument", "kimi-pool accounts disable"),
+    (["accounts", "frobnicate"], "No such command 'frobnicate'", "kimi-pool accounts"),
+    (["--nope", "accounts", "list"], "No such option: --nope", "kimi-pool"),
+])
+def test_usage_errors_are_one_line_exit_2(cli: Cli, args: list[str], message: str, command: str) -> None:
+    line = cli.fails(*args, code=2)
+    assert message in line and line.endswith(f"(see '{command} --help')")
+
+
+def test_duplicate_name_is_one_line(cli: Cli) -> None:
+    cli.ok("accounts", "add", "x", "--kind", "kimi-ai-chat")
+    assert cli.fails("accounts", "add", "x", "--kind", "kimi-ai-chat") == "an account named x already exists"
+
+
+@pytest.mark.parametrize(("url", "message"), [
+    ("not-a-url", "bad database URL 'not-a-url'"),
+    ("sqlite:///plain.db", "async driver"),
+    ("mysql+nosuchdriver://u:topsecret@h/db", "u:***@h/db"),
+])
+def test_bad_database_url_is_one_line(cli: Cli, url: str, message: str) -> None:
+    line = cli.fails("--db", url, "accounts", "list", db=False)
+    assert message in line and "topsecret" not in line
+
+
+def test_unreachable_database_is_one_line(cli: Cli, tmp_path: Path) -> None:
+    junk = tmp_path / "junk.db"
+    junk.write_bytes(b"not sqlite" * 500)
+    assert "file is not a database" in cli.fails("--db", f"sqlite+aiosqlite:///{junk}", "accounts", "list",
+                                                 db=False)
+
+
+def test_no_arguments_shows_help(cli: Cli) -> None:
+    code, out, err = cli(db=False)
+    assert code == 2 and "accounts" in out + err and "Traceback" not in out + err
+    assert cli.fails(code=2) == "Missing command. (see 'kimi-pool --help')"
+
+
+# --- import ---------------------------------------------------------------------------------------
+
+GOOD = """
+[[accounts]]
+name = "one"
+kind = "moonshot"
+api_key = "env:KP_TEST_KEY_ONE"
+rpm = 100
+
+[[accounts]]
+name = "two"
+kind = "kimi-ai-chat"
+enabled = false
+"""
+
+
+def test_import_creates_then_updates_then_leaves_alone(cli: Cli, tmp_path: Path) -> None:
+    path = write(tmp_path, GOOD)
+    assert cli.ok("accounts", "import", path) == f"imported {path}: 2 created, 0 updated, 0 unchanged\n"
+    assert cli.ok("accounts", "import", path).endswith("0 created, 0 updated, 2 unchanged\n")
+    three = '[[accounts]]\nname = "three"\nkind = "kimi-ai-chat"\n'
+    write(tmp_path, GOOD.replace("rpm = 100", "rpm = 200") + three)
+    assert cli.ok("accounts", "import", path).endswith("1 created, 1 updated, 1 unchanged\n")
+    views = {v["name"]: v for v in cli.accounts()}
+    assert (views["one"]["rpm"], views["one"]["config_rev"]) == (200, 2)
+    assert views["two"]["state"] == "disabled"
+
+
+def test_import_keeps_env_references_not_their_values(cli: Cli, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KP_TEST_KEY_ONE", SECRET)
+    cli.ok("accounts", "import", write(tmp_path, GOOD))
+    assert cli.accounts()[0]["key"] == "env:KP_TEST_KEY_ONE"
+    assert SECRET.encode() not in cli.stored_bytes()
+    assert b"env:KP_TEST_KEY_ONE" in cli.stored_bytes()
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('[[accounts]]\nname = "x"\nkind = ', "is not valid TOML"),
+    ('[[accounts]]\nname = "x"\nkind = "kimi-ai-chat"\ncolour = "red"\n',
+     "account #3: unknown key(s): colour"),
+    ('[[accounts]]\nname = "x"\nkind = "kimi-ai-chat"\n[[accounts]]\nname = "x"\nkind = "kimi-ai-chat"\n',
+     "duplicate account name 'x'"),
+    ('[[accounts]]\nname = "x"\nkind = "gpt"\n', "unknown kind 'gpt'"),
+    ('[[accounts]]\nname = "x"\nkind = "moonshot"\napi_key = "env:not valid"\n', "bad secret reference"),
+])
+def test_bad_files_are_one_line_and_change_nothing(cli: Cli, tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, GOOD.replace('"one"', '"first"') + text)
+    line = cli.fails("accounts", "import", path)
+    assert message in line and line.startswith(path)
+    assert cli.accounts() == []
+
+
+def test_import_of_the_example_file(cli: Cli) -> None:
+    example = Path(__file__).resolve().parent.parent / "accounts.example.toml"
+    assert cli.ok("accounts", "import", str(example)).endswith("3 created, 0 updated, 0 unchanged\n")
+    kinds = {v["kind"] for v in cli.accounts()}
+    assert kinds == {"moonshot", "kimi-web", "kimi-ai-chat"}
+
+
+# --- keys -----------------------------------------------------------------------------------------
+
+
+def test_keys_create_shows_the_key_once_and_stores_its_hash(cli: Cli) -> None:
+    code, out, err = cli("keys", "create", "batch-jobs")
+    key = out.strip()
+    assert code == 0 and key.startswith("kp-") and out == key + "\n"
+    assert "will not be shown again" in err
+    listing = cli.ok("keys", "list") + cli.ok("keys", "list", "--json")
+    assert key not in listing and key[:8] in listing and "batch-jobs" in listing
+    with sqlite3.connect(cli.path) as conn:
+        stored = conn.execute("SELECT key_hash, key_prefix FROM client_keys").fetchall()
+    assert stored == [(hash_key(key), key[:8])]
+    assert key.encode() not in cli.stored_bytes()
+
+
+def test_keys_revoke_and_errors(cli: Cli) -> None:
+    assert cli("keys", "create", "k")[0] == 0
+    assert cli.fails("keys", "create", "k").startswith("a key named k already exists")
+    assert "bad key name" in cli.fails("keys", "create", "no spaces")
+    assert cli.ok("keys", "revoke", "k") == "revoked key k\n"
+    assert cli.ok("keys", "revoke", "k") == "key k was already revoked\n"
+    assert cli.fails("keys", "revoke", "nope") == "no key named nope"
+    [view] = json.loads(cli.ok("keys", "list", "--json"))
+    assert view["revoked_at"] is not None
+    assert "revoked" in cli.ok("keys", "list")

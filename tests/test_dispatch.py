@@ -1,0 +1,94 @@
+"""Failover before the first byte, and what the pool learns from each upstream answer."""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import openai
+
+from app.pool.account import State
+from app.store.db import Database
+from app.store.repository import AccountRepository
+from tests.conftest import run_stack
+
+MODEL = "kimi-k2-0905-preview"
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+async def test_dead_key_is_tried_once_then_never_again(tmp_path: Path) -> None:
+    keys = ["sk-emu-0001", "sk-emu-0002", "sk-revoked-key-000000000"]  # the last one the upstream never issued
+    async with run_stack(tmp_path, keys=keys) as stack:
+        client = stack.client()
+        for i in range(9):
+            completion = await client.chat.completions.create(model=MODEL, messages=HELLO, stream=i % 2 == 0)
+            if i % 2 == 0:
+                async for _ in completion:  # type: ignore[union-attr]
+                    pass
+        seen = stack.emulator.snapshot()
+        assert seen["totals"]["by_status"] == {"200": 9, "401": 1}, "the dead key was tried exactly once"
+        assert stack.gateway.pool.accounts["acct-3"].state is State.AUTH_DEAD
+
+
+async def test_rate_limited_account_cools_down_and_the_client_still_succeeds(tmp_path: Path) -> None:
+    async with run_stack(tmp_path) as stack:
+        stack.emulator.script("sk-emu-0001", [{"kind": "rate_limit", "bucket": "rpm", "wait": 30}])
+        client = stack.client()
+        for _ in range(6):
+            completion = await client.chat.completions.create(model=MODEL, messages=HELLO)
+            assert completion.choices[0].message.content
+        account = stack.gateway.pool.accounts["acct-1"]
+        assert account.state is State.COOLING_DOWN and account.until == stack.clock.time() + 30
+        assert stack.emulator.snapshot()["keys"]["sk-emu-0001"]["requests"] == 1
+        stack.clock.advance(30)
+        for _ in range(3):
+            await client.chat.completions.create(model=MODEL, messages=HELLO)
+        assert stack.emulator.snapshot()["keys"]["sk-emu-0001"]["requests"] == 2
+
+
+async def test_overload_moves_on_without_blaming_the_account(tmp_path: Path) -> None:
+    async with run_stack(tmp_path) as stack:
+        stack.emulator.script("sk-emu-0001", [{"kind": "overloaded"}])
+        completion = await stack.client().chat.completions.create(model=MODEL, messages=HELLO)
+        assert completion.choices[0].message.content
+        assert stack.gateway.pool.accounts["acct-1"].state is State.ACTIVE
+
+
+async def test_quota_exhausted_account_is_taken_out(tmp_path: Path) -> None:
+    async with run_stack(tmp_path) as stack:
+        stack.emulator.script("sk-emu-0001", [{"kind": "quota"}])
+        for _ in range(4):
+            await stack.client().chat.completions.create(model=MODEL, messages=HELLO)
+        assert stack.gateway.pool.accounts["acct-1"].state is State.QUOTA_EXHAUSTED
+        assert stack.emulator.snapshot()["keys"]["sk-emu-0001"]["requests"] == 1
+
+
+async def test_truncated_stream_before_the_first_byte_fails_over(tmp_path: Path) -> None:
+    async with run_stack(tmp_path) as stack:
+        stack.emulator.script("sk-emu-0001", [{"kind": "drop_after", "chunks": 0}])
+        stack.emulator.script("sk-emu-0002", [{"kind": "html_504"}])
+        stream = await stack.client().chat.completions.create(model=MODEL, messages=HELLO, stream=True)
+        chunks = [c async for c in stream]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+        assert chunks[-1].choices[0].finish_reason == "stop"
+        assert stack.emulator.snapshot()["totals"]["requests"] == 3
+
+
+async def test_account_state_survives_a_restart(tmp_path: Path) -> None:
+    keys = ["sk-emu-0001", "sk-unknown-key-00000000000"]
+    async with run_stack(tmp_path, keys=keys) as stack:
+        stack.emulator.script("sk-emu-0001", [{"kind": "rate_limit", "bucket": "rpm", "wait": 45}])
+        for _ in range(2):
+            with contextlib.suppress(openai.APIError):
+                await stack.client().chat.completions.create(model=MODEL, messages=HELLO)
+        cooling_until = stack.gateway.pool.accounts["acct-1"].until
+        clock = stack.clock
+    async with run_stack(tmp_path, keys=keys, clock=clock) as again:
+        accounts = again.gateway.pool.accounts
+        assert accounts["acct-1"].state is State.COOLING_DOWN and accounts["acct-1"].until == cooling_until
+        assert accounts["acct-2"].state is State.AUTH_DEAD
+    db = Database(f"sqlite+aiosqlite:///{tmp_path}/kimi-pool.db")
+    async with db.session() as session:
+        row = await AccountRepository(session).get("acct-2")
+        assert row.state == "auth_dead" and "key" in (row.state_reason or "").lower()
+    await db.dispose()
