@@ -31,12 +31,17 @@ class SystemClock:
 
 
 class ManualClock:
-    """A clock that only moves when told to. ``sleep`` returns once ``advance`` passes its deadline."""
+    """A clock that only moves when told to. ``sleep`` returns once ``advance`` passes its deadline.
+
+    ``wait_for_sleepers`` lets a test wait, without polling, until the code under test has gone to
+    sleep on the clock, so that the next ``advance`` is sure to wake it.
+    """
 
     def __init__(self, start: float = 1_760_000_000.0) -> None:
         self._now = start
         self._sleepers: list[tuple[float, int, asyncio.Future[None]]] = []
         self._seq = itertools.count()
+        self._registered = asyncio.Event()  # set by every ``sleep`` that registers a sleeper
 
     def time(self) -> float:
         return self._now
@@ -47,6 +52,7 @@ class ManualClock:
             return
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         heapq.heappush(self._sleepers, (self._now + seconds, next(self._seq), future))
+        self._registered.set()
         await future
 
     def advance(self, seconds: float) -> None:
@@ -59,3 +65,9 @@ class ManualClock:
     @property
     def sleepers(self) -> int:
         return sum(1 for _, _, f in self._sleepers if not f.done())
+
+    async def wait_for_sleepers(self, count: int = 1) -> None:
+        """Return once at least ``count`` sleepers wait on the clock (at once if they already do)."""
+        while self.sleepers < count:
+            self._registered.clear()
+            await self._registered.wait()

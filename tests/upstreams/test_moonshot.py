@@ -1,0 +1,117 @@
+"""The Moonshot adapter: error classification (PROTOCOLS.md §4.6) and the per-account proxy."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import aiohttp
+import orjson
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import StreamingResponse
+from starlette.routing import Route
+
+from app.errors import (
+    AuthDead,
+    QuotaExhausted,
+    RateLimited,
+    Transient,
+    UpstreamBadRequest,
+    UpstreamError,
+    UpstreamOverloaded,
+)
+from app.upstreams.moonshot import classify, sanitize_messages
+from tests.conftest import run_stack, serve
+
+NOW = 1_760_000_000.0  # 2025-10-09 08:53:20 UTC
+
+
+def body(type_: str, message: str) -> bytes:
+    return orjson.dumps({"error": {"type": type_, "message": message}})
+
+
+@pytest.mark.parametrize(("status", "raw", "expected", "check"), [
+    (401, body("invalid_authentication_error", "Invalid Authentication"), AuthDead, None),
+    (401, body("incorrect_api_key_error", "Incorrect API key provided"), AuthDead, None),
+    (429, body("rate_limit_reached_error",
+               "Your account org-1<ak-1> request reached organization max RPM: 3, please try again after 17 seconds"),
+     RateLimited, lambda e: e.retry_after == 17),
+    (429, body("rate_limit_reached_error",
+               "request reached max organization concurrency: 1, please try again after 1 seconds"),
+     RateLimited, lambda e: e.retry_after == 1),
+    (429, body("rate_limit_reached_error",
+               "Your account request reached organization TPD rate limit, current: 1500100, limit: 1500000"),
+     QuotaExhausted, lambda e: e.until == 1_760_025_600.0),  # next midnight in UTC+8
+    (429, body("exceeded_current_quota_error", "Your account is suspended due to insufficient balance"),
+     QuotaExhausted, lambda e: e.until is None and e.retryable),
+    (429, body("engine_overloaded_error", "The engine is currently overloaded, please try again later"),
+     UpstreamOverloaded, None),
+    (400, body("content_filter", "The request was rejected because it was considered high risk"),
+     UpstreamBadRequest, lambda e: e.status == 400 and not e.retryable),
+    (404, body("resource_not_found_error", "Not found the model kimi-x or Permission denied"),
+     UpstreamBadRequest, lambda e: e.status == 404 and e.code == "model_not_found"),
+    (500, body("server_error", "internal"), Transient, None),
+    (503, body("server_unavailable", "maintenance"), Transient, None),
+    (504, b"<html><body><h1>504 Gateway Time-out</h1></body></html>", Transient, None),
+])
+def test_upstream_answers_are_classified_on_type_first(status: int, raw: bytes, expected: type[UpstreamError],
+                                                       check: object) -> None:
+    error = classify(status, raw, {}, NOW)
+    assert type(error) is expected
+    if callable(check):
+        assert check(error)
+
+
+def test_retry_after_header_is_used_when_the_message_has_no_wait() -> None:
+    error = classify(429, body("rate_limit_reached_error", "slow down"), {"Retry-After": "9"}, NOW)
+    assert isinstance(error, RateLimited) and error.retry_after == 9
+
+
+def test_what_moonshot_does_not_understand_is_dropped() -> None:
+    messages = [
+        {"role": "developer", "content": "rules", "cache_control": {"type": "ephemeral"}},
+        {"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": {}}, {"type": "input_audio"}]},
+    ]
+    assert sanitize_messages(messages) == [
+        {"role": "system", "content": "rules"},
+        {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+    ]
+
+
+def forward_proxy(seen: list[str]) -> Starlette:
+    """A plain HTTP forward proxy, the remote peer an operator would put in ``proxy = …``."""
+
+    async def forward(request: Request) -> StreamingResponse:
+        target = f"http://{request.headers['host']}{request.url.path}"
+        seen.append(target)
+        session = aiohttp.ClientSession()
+        headers = {k: v for k, v in request.headers.items() if k.lower() not in ("host", "proxy-connection")}
+        upstream = await session.post(target, data=await request.body(), headers=headers)
+
+        async def relay():  # type: ignore[no-untyped-def]
+            try:
+                async for chunk in upstream.content.iter_any():
+                    yield chunk
+            finally:
+                upstream.release()
+                await session.close()
+
+        return StreamingResponse(relay(), status_code=upstream.status,
+                                 media_type=upstream.headers.get("content-type"))
+
+    return Starlette(routes=[Route("/{path:path}", forward, methods=["POST"])])
+
+
+async def test_each_account_goes_out_through_its_own_proxy(tmp_path: Path) -> None:
+    seen: list[str] = []
+    async with serve(forward_proxy(seen)) as proxy_url:
+        async with run_stack(tmp_path, keys=["sk-emu-0001"], account_extra={"proxy": proxy_url}) as stack:
+            client = stack.client()
+            completion = await client.chat.completions.create(
+                model="kimi-k2-0905-preview", messages=[{"role": "user", "content": "via proxy"}])
+            stream = await client.chat.completions.create(
+                model="kimi-k2-0905-preview", messages=[{"role": "user", "content": "via proxy"}], stream=True)
+            text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+    assert completion.choices[0].message.content and text
+    assert seen == [f"{stack.emulator_url}/v1/chat/completions"] * 2
