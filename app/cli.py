@@ -82,7 +82,7 @@ def accounts_add(
     tpd: Annotated[int | None, typer.Option(help="Tokens per day.")] = None,
     concurrency: Annotated[int | None, typer.Option(help="Requests in flight at once.")] = None,
     weight: Annotated[float, typer.Option(help="Share of the traffic, relative to other accounts.")] = 1.0,
-    proxy: Annotated[str | None, typer.Option(metavar="URL", help="http(s) or socks5 proxy to use.")] = None,
+    proxy: Annotated[str | None, typer.Option(metavar="URL", help="http(s) proxy for upstream traffic.")] = None,
 ) -> None:
     """Add an account. Give secrets as env:VAR to keep them out of the database and shell history."""
     if api_key is not None and token is not None:

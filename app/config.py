@@ -176,7 +176,7 @@ def make_account_spec(
     if base_url is not None:
         validate_url(base_url, f"base URL for account {name}")
     if proxy is not None:
-        validate_url(proxy, f"proxy for account {name}", ("http", "https", "socks5", "socks5h"))
+        validate_url(proxy, f"proxy for account {name}")
     if not isinstance(models, list | tuple) or not all(isinstance(m, str) and _MODEL.match(m) for m in models):
         raise ConfigError(f"account {name}: models must be a list of model ids, not {models!r}")
     if not isinstance(enabled, bool):

@@ -71,16 +71,16 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         writer.start()
         pool = Pool(clock)
         auth = Authenticator(settings.master_key)
-        sync = AccountSync(db, pool, auth, clock)
 
         def persist(account: Account) -> None:
             if account.state != "disabled":
                 writer.put_state(account.name, account.state, account.until, account.reason)
 
         pool.on_state_change(persist)
-        await sync.load()
         session = create_session(settings, connector=transport)
         registry = Registry.default(session, clock)
+        sync = AccountSync(db, pool, auth, clock, kinds=registry.kinds())
+        await sync.load()
         dispatcher = Dispatcher(pool, registry, writer, clock, failover_deadline=settings.failover_deadline)
         app.state.gateway = Gateway(settings, clock, auth, pool, dispatcher, clock.time())
         app.state.writer = writer

@@ -36,7 +36,7 @@ def spec(name: str = "acct", **kw: object) -> AccountSpec:
 
 async def test_add_get_and_back_to_the_same_spec(migrated: Database) -> None:
     original = spec(models=["kimi-k2.5", "moonshot-v1-8k"], rpm=60, tpm=1000, tpd=9000, concurrency=3,
-                    weight=2.5, proxy="socks5://127.0.0.1:1080", base_url="https://example.test/v1")
+                    weight=2.5, proxy="http://127.0.0.1:3128", base_url="https://example.test/v1")
     async with migrated.session() as session, session.begin():
         row = await AccountRepository(session).add(original, NOW)
         assert row.config_rev == 1 and row.state == "active" and row.created_at == row.updated_at == NOW
