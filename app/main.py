@@ -19,8 +19,10 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from app.api.auth import Authenticator
-from app.api.chat import chat_completions
+from app.api.chat import EXPOSED_HEADERS, ChatCompletions
 from app.api.errors import RequestIdMiddleware, handle_http_exception, handle_kimi_pool_error
+from app.api.front import CHAT_PATH, ChatRoute, FrontDoor
+from app.api.ids import Ids
 from app.api.models import get_model, list_models
 from app.api.state import Gateway
 from app.clock import Clock, SystemClock
@@ -58,8 +60,9 @@ async def import_accounts(db: Database, settings: Settings, clock: Clock) -> Non
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None,
-               transport: aiohttp.BaseConnector | None = None) -> Starlette:
+               transport: aiohttp.BaseConnector | None = None) -> FrontDoor:
     clock = clock or SystemClock()
+    ids = Ids()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -82,7 +85,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         sync = AccountSync(db, pool, auth, clock, kinds=registry.kinds())
         await sync.load()
         dispatcher = Dispatcher(pool, registry, writer, clock, failover_deadline=settings.failover_deadline)
-        app.state.gateway = Gateway(settings, clock, auth, pool, dispatcher, clock.time())
+        app.state.gateway = gateway = Gateway(settings, clock, auth, pool, dispatcher, clock.time())
+        app.state.chat = ChatCompletions(gateway, ids)
         app.state.writer = writer
         app.state.sync = sync
         sync_task = asyncio.create_task(sync.run(settings.sync_interval))
@@ -101,22 +105,23 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route(CHAT_PATH, ChatRoute(), methods=["POST"]),
     ]
     middleware = [
-        Middleware(RequestIdMiddleware),
+        Middleware(RequestIdMiddleware, ids=ids),
         Middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
             allow_methods=["GET", "POST", "OPTIONS"],
             allow_headers=["*"],
-            expose_headers=["x-request-id", "retry-after", "x-kimi-pool-account"],
+            expose_headers=list(EXPOSED_HEADERS),
             max_age=600,
         ),
     ]
-    return Starlette(
+    app = Starlette(
         routes=routes,
         middleware=middleware,
         exception_handlers={KimiPoolError: handle_kimi_pool_error, HTTPException: handle_http_exception},
         lifespan=lifespan,
     )
+    return FrontDoor(app)

@@ -44,8 +44,8 @@ from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
 import openai  # noqa: E402
-from starlette.applications import Starlette  # noqa: E402
 
+from app.api.front import FrontDoor  # noqa: E402
 from app.api.state import Gateway  # noqa: E402
 from app.clock import ManualClock  # noqa: E402
 from app.config import Settings  # noqa: E402
@@ -59,7 +59,7 @@ MASTER_KEY = "test-master-key-0123456789"
 class Stack:
     url: str
     emulator_url: str
-    app: Starlette
+    app: FrontDoor
     emulator: MoonshotEmulator
     clock: ManualClock
     db_url: str

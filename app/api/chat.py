@@ -1,15 +1,22 @@
-"""``POST /v1/chat/completions``: authenticate, parse, dispatch, render (SSE or one JSON body)."""
+"""``POST /v1/chat/completions``: authenticate, parse, dispatch, render (SSE or one JSON body).
+
+This is the hot path, so it is a bare ASGI app that ``FrontDoor`` calls directly: it does for
+itself what the middleware stack does for the other routes (request id, CORS headers, errors as
+OpenAI objects), which measured ~35% of a request's CPU when it went through Starlette's layers.
+"""
 
 from __future__ import annotations
 
-import secrets
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
-from starlette.requests import Request
-from starlette.responses import Response
+from starlette.datastructures import Headers
+from starlette.types import Receive, Scope, Send
 
+from app.api.errors import header, internal_error
+from app.api.ids import Ids
 from app.api.schema import parse_chat_request, parse_json
 from app.api.sse import DONE, ChunkRenderer, SSEResponse
 from app.api.state import Gateway
@@ -17,40 +24,89 @@ from app.dispatch import RequestContext
 from app.errors import InvalidRequest, KimiPoolError, PayloadTooLarge
 from app.upstreams.base import Completion, Event, Usage
 
+log = logging.getLogger("kimi_pool.api")
+_JSON = (b"content-type", b"application/json")
+EXPOSED_HEADERS = ("x-request-id", "retry-after", "x-kimi-pool-account")
+_EXPOSED = ", ".join(EXPOSED_HEADERS).encode()
 
-async def read_body(request: Request, limit: int) -> bytes:
-    declared = request.headers.get("content-length")
+
+async def read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
     if declared is not None:
         if not declared.isdigit():
             raise InvalidRequest("Bad Content-Length header.")
         if int(declared) > limit:
             raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
+    message = await receive()
+    body = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body
+    parts = bytearray(body)
+    while message.get("more_body", False):
+        message = await receive()
+        parts += message.get("body", b"")
+        if len(parts) > limit:
             raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-    return bytes(body)
+    return bytes(parts)
 
 
-async def chat_completions(request: Request) -> Response | SSEResponse:
-    gateway: Gateway = request.app.state.gateway
-    client = gateway.auth.authenticate(request.headers)
-    chat = parse_chat_request(parse_json(await read_body(request, gateway.settings.max_body_bytes)))
-    gateway.dispatcher.check_model(chat.model)
-    ctx = RequestContext(request.state.request_id, client)
-    completion_id = "chatcmpl-" + secrets.token_hex(12)
-    created = int(gateway.clock.time())
-    if not chat.stream:
-        completion = await gateway.dispatcher.complete(chat, ctx)
-        body = _completion_body(completion, completion_id, created, chat.model)
-        return Response(orjson.dumps(body), media_type="application/json",
-                        headers={"x-kimi-pool-account": ctx.account or ""})
-    events = gateway.dispatcher.stream(chat, ctx)
-    first = await anext(events)  # failover happens here; an error is still a JSON answer
-    renderer = ChunkRenderer(completion_id, created, chat.model)
-    return SSEResponse(_frames(renderer, first, events, chat.include_usage),
-                       headers={"x-kimi-pool-account": ctx.account or ""})
+class ChatCompletions:
+    def __init__(self, gateway: Gateway, ids: Ids) -> None:
+        self._gateway = gateway
+        self._ids = ids
+        origins = gateway.settings.cors_origins
+        self._any_origin = "*" in origins
+        self._origins = frozenset(o.encode() for o in origins)
+
+    def _common_headers(self, scope: Scope, request_id: str) -> list[tuple[bytes, bytes]]:
+        headers = [(b"x-request-id", request_id.encode())]
+        origin = header(scope, b"origin")
+        if origin is not None:
+            if self._any_origin:
+                headers.append((b"access-control-allow-origin", b"*"))
+            elif origin in self._origins:
+                headers += [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
+            headers.append((b"access-control-expose-headers", _EXPOSED))
+        return headers
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = self._ids.request_id(header(scope, b"x-request-id"))
+        headers = self._common_headers(scope, request_id)
+        try:
+            await self._handle(scope, receive, send, request_id, headers)
+        except KimiPoolError as error:
+            await _send_json(send, error.status, orjson.dumps(error.body()),
+                             headers + [(k.lower().encode(), v.encode()) for k, v in error.headers().items()])
+        except Exception:
+            log.exception("unhandled error in request %s", request_id)
+            await _send_json(send, 500, orjson.dumps(internal_error(request_id).body()), headers)
+
+    async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str,
+                      headers: list[tuple[bytes, bytes]]) -> None:
+        gateway = self._gateway
+        client = gateway.auth.authenticate(Headers(scope=scope))
+        raw = await read_body(receive, header(scope, b"content-length"), gateway.settings.max_body_bytes)
+        chat = parse_chat_request(parse_json(raw))
+        gateway.dispatcher.check_model(chat.model)
+        ctx = RequestContext(request_id, client)
+        completion_id = self._ids.completion_id()
+        created = int(gateway.clock.time())
+        if not chat.stream:
+            completion = await gateway.dispatcher.complete(chat, ctx)
+            body = orjson.dumps(_completion_body(completion, completion_id, created, chat.model))
+            headers.append((b"x-kimi-pool-account", (ctx.account or "").encode()))
+            await _send_json(send, 200, body, headers)
+            return
+        events = gateway.dispatcher.stream(chat, ctx)
+        first = await anext(events)  # failover happens here; an error is still a JSON answer
+        headers.append((b"x-kimi-pool-account", (ctx.account or "").encode()))
+        renderer = ChunkRenderer(completion_id, created, chat.model)
+        await SSEResponse(_frames(renderer, first, events, chat.include_usage), headers)(scope, receive, send)
+
+
+async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status,
+                "headers": [*headers, _JSON, (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
 
 
 async def _frames(renderer: ChunkRenderer, first: Event, events: AsyncIterator[Event],

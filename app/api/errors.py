@@ -7,8 +7,6 @@ a JSON 500 that names that id instead of a traceback.
 from __future__ import annotations
 
 import logging
-import re
-import secrets
 
 import orjson
 from starlette.exceptions import HTTPException
@@ -16,15 +14,19 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.ids import Ids
 from app.errors import KimiPoolError, MethodNotAllowed, NotFound
 
 log = logging.getLogger("kimi_pool.api")
-_CLIENT_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
 def error_response(error: KimiPoolError) -> Response:
     return Response(orjson.dumps(error.body()), status_code=error.status, headers=error.headers(),
                     media_type="application/json")
+
+
+def internal_error(request_id: str) -> KimiPoolError:
+    return KimiPoolError(f"Internal error; quote request id {request_id} when reporting it.")
 
 
 async def handle_kimi_pool_error(request: Request, exc: Exception) -> Response:
@@ -46,31 +48,32 @@ async def handle_http_exception(request: Request, exc: Exception) -> Response:
     return error_response(error)
 
 
+def header(scope: Scope, name: bytes) -> bytes | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value
+    return None
+
+
 class RequestIdMiddleware:
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, ids: Ids) -> None:
         self.app = app
+        self.ids = ids
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        request_id = None
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":
-                candidate = value.decode("latin-1")
-                request_id = candidate if _CLIENT_ID.match(candidate) else None
-                break
-        if request_id is None:
-            request_id = "req_" + secrets.token_hex(12)
+        request_id = self.ids.request_id(header(scope, b"x-request-id"))
         scope.setdefault("state", {})["request_id"] = request_id
-        header = (b"x-request-id", request_id.encode())
+        extra = (b"x-request-id", request_id.encode())
         started = False
 
         async def send_with_id(message: Message) -> None:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                message["headers"] = [*message.get("headers", ()), header]
+                message["headers"] = [*message.get("headers", ()), extra]
             await send(message)
 
         try:
@@ -79,6 +82,4 @@ class RequestIdMiddleware:
             log.exception("unhandled error in request %s", request_id)
             if started:
                 raise
-            error = KimiPoolError(f"Internal error; quote request id {request_id} when reporting it.")
-            response = error_response(error)
-            await response(scope, receive, send_with_id)
+            await error_response(internal_error(request_id))(scope, receive, send_with_id)

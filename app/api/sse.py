@@ -75,12 +75,10 @@ class SSEResponse:
     relay at once (closing the upstream request and freeing the account).
     """
 
-    def __init__(self, frames: AsyncIterator[bytes], headers: dict[str, str]) -> None:
+    def __init__(self, frames: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]]) -> None:
         self._frames = frames
-        raw = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-               (b"x-accel-buffering", b"no")]
-        raw.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in headers.items())
-        self._headers = raw
+        self._headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
+                         (b"x-accel-buffering", b"no"), *headers]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         relay = asyncio.ensure_future(self._relay(send))

@@ -44,6 +44,7 @@ class Pool:
         self._cursor = 0
         self._listeners: list[StateListener] = []
         self._release_listeners: list[Callable[[], None]] = []
+        self._models: frozenset[str] | None = None
 
     # --- membership (driven by the store sync) -------------------------------------------------
 
@@ -65,6 +66,7 @@ class Pool:
             self._rebuild()
 
     def _rebuild(self) -> None:
+        self._models = None
         accounts = list(self._accounts.values())
         if not accounts:
             self._ring = []
@@ -94,13 +96,15 @@ class Pool:
 
     # --- questions -----------------------------------------------------------------------------
 
-    def models(self) -> set[str]:
-        """Models served by accounts that are not disabled."""
-        served: set[str] = set()
-        for account in self._accounts.values():
-            if account.state is not State.DISABLED:
-                served |= account.models
-        return served
+    def models(self) -> frozenset[str]:
+        """Models served by accounts that are not disabled (cached; asked on every request)."""
+        if self._models is None:
+            served: set[str] = set()
+            for account in self._accounts.values():
+                if account.state is not State.DISABLED:
+                    served |= account.models
+            self._models = frozenset(served)
+        return self._models
 
     def serving(self, model: str) -> Iterable[Account]:
         return (a for a in self._accounts.values() if model in a.models and a.state is not State.DISABLED)
@@ -189,5 +193,6 @@ class Pool:
         self._changed(account)
 
     def _changed(self, account: Account) -> None:
+        self._models = None
         for listener in self._listeners:
             listener(account)

@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
-from sqlalchemy import CursorResult, case, func, insert, select, update
+from sqlalchemy import CursorResult, Table, case, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import AccountSpec
@@ -200,13 +200,20 @@ class ClientKeyRepository:
         return await self._session.scalar(select(ClientKeyRow).where(ClientKeyRow.name == name))
 
 
+_USAGE_FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))
+_USAGE_TABLE = cast(Table, UsageRow.__table__)
+
+
 class UsageRepository:
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
 
     async def add_many(self, records: Sequence[UsageRecord]) -> None:
         if records:
-            await self._session.execute(insert(UsageRow), [dataclasses.asdict(r) for r in records])
+            # a Core insert of plain dicts: several times cheaper than the ORM path or dataclasses.asdict
+            fields = _USAGE_FIELDS
+            rows = [{name: getattr(r, name) for name in fields} for r in records]
+            await self._session.execute(insert(_USAGE_TABLE), rows)
 
     async def totals(self, since: float) -> UsageTotals:
         """Requests, failures (HTTP status >= 400) and tokens since ``since``."""

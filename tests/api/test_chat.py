@@ -157,6 +157,11 @@ async def test_cors_preflight_reflects_requested_headers(tmp_path: Path) -> None
         simple = await http.get("/v1/models", headers={"Origin": "http://localhost:3000",
                                                        "Authorization": f"Bearer {MASTER_KEY}"})
         assert "x-request-id" in simple.headers["access-control-expose-headers"].lower()
+        chat = await http.post("/v1/chat/completions", headers={"Origin": "http://localhost:3000",
+                                                                "Authorization": f"Bearer {MASTER_KEY}"},
+                               json={"model": MODEL, "messages": HELLO})
+        assert chat.headers["access-control-allow-origin"] == "*"
+        assert "x-request-id" in chat.headers["access-control-expose-headers"].lower()
 
 
 async def test_client_keys_from_the_cli_authenticate_a_running_server(tmp_path: Path,
