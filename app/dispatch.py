@@ -27,7 +27,7 @@ from app.errors import (
 )
 from app.pool.scheduler import Lease, Pool
 from app.store.records import UsageRecord
-from app.upstreams.base import ChatRequest, Completion, Delta, Event, Usage
+from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Usage
 from app.upstreams.registry import Registry
 
 
@@ -117,8 +117,9 @@ class Dispatcher:
         finally:
             self._record(request, ctx, usage, status, outcome)
 
-    async def stream(self, request: ChatRequest, ctx: RequestContext) -> AsyncIterator[Event]:
-        """Events of one answer. The first ``__anext__`` does the failover; errors after it end the stream."""
+    async def stream(self, request: ChatRequest, ctx: RequestContext) -> AsyncIterator[Batch]:
+        """Batches of events of one answer. The first ``__anext__`` does the failover; errors after it
+        end the stream."""
         tried: set[str] = set()
         last: UpstreamError | None = None
         deadline = self._clock.time() + self._deadline
@@ -126,7 +127,7 @@ class Dispatcher:
         usage: Usage | None = None
         chars = 0
         lease: Lease | None = None
-        events: AsyncIterator[Event] | None = None
+        events: AsyncIterator[Batch] | None = None
         try:
             while True:
                 lease = self._lease(request, tried, last, ctx)
@@ -146,20 +147,21 @@ class Dispatcher:
                 lease = None
                 self._failed(failed, error, deadline)
                 last = error
-            event: Event = first
+            batch: Batch = first
             while True:
-                if type(event) is Delta:
-                    chars += len(event.content or "") + len(event.reasoning or "")
-                elif type(event) is Usage:
-                    usage = event
-                yield event
+                for event in batch:
+                    if type(event) is Delta:
+                        chars += len(event.content or "") + len(event.reasoning or "")
+                    elif type(event) is Usage:
+                        usage = event
+                yield batch
                 try:
-                    event = await anext(events)
+                    batch = await anext(events)
                 except StopAsyncIteration:
                     break
             if usage is None:
                 usage = Usage(estimate_tokens(request.messages), chars // 4)
-                yield usage
+                yield [usage]
             self._pool.succeeded(account)
         except KimiPoolError as error:
             status, outcome = error.status, error.code or error.type

@@ -22,7 +22,7 @@ from app.api.sse import DONE, ChunkRenderer, SSEResponse
 from app.api.state import Gateway
 from app.dispatch import RequestContext
 from app.errors import InvalidRequest, KimiPoolError, PayloadTooLarge
-from app.upstreams.base import Completion, Event, Usage
+from app.upstreams.base import Batch, Completion, Usage
 
 log = logging.getLogger("kimi_pool.api")
 _JSON = (b"content-type", b"application/json")
@@ -109,21 +109,26 @@ async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[b
     await send({"type": "http.response.body", "body": body})
 
 
-async def _frames(renderer: ChunkRenderer, first: Event, events: AsyncIterator[Event],
+async def _frames(renderer: ChunkRenderer, first: Batch, events: AsyncIterator[Batch],
                   include_usage: bool) -> AsyncIterator[bytes]:
-    yield renderer.role()
+    """One piece of SSE per batch of upstream events (the role chunk goes with the first)."""
     usage: Usage | None = None
-    event = first
+    batch = first
+    frames = [renderer.role()]
     try:
         while True:
-            if type(event) is Usage:
-                usage = event
-            else:
-                frame = renderer.event(event)
-                if frame is not None:
-                    yield frame
+            for event in batch:
+                if type(event) is Usage:
+                    usage = event
+                else:
+                    frame = renderer.event(event)
+                    if frame is not None:
+                        frames.append(frame)
+            if frames:
+                yield b"".join(frames)
+                frames = []
             try:
-                event = await anext(events)
+                batch = await anext(events)
             except StopAsyncIteration:
                 break
     except KimiPoolError as error:

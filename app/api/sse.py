@@ -81,33 +81,40 @@ class SSEResponse:
                          (b"x-accel-buffering", b"no"), *headers]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        relay = asyncio.ensure_future(self._relay(send))
-        watch = asyncio.ensure_future(self._watch(receive))
+        task = asyncio.current_task()
+        assert task is not None
+        state = _Relay()
+        watcher = asyncio.get_running_loop().create_task(self._watch(receive, task, state))
         try:
-            await asyncio.wait((relay, watch), return_when=asyncio.FIRST_COMPLETED)
+            await send({"type": "http.response.start", "status": 200, "headers": self._headers})
+            async for frame in self._frames:
+                await send({"type": "http.response.body", "body": frame, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        except asyncio.CancelledError:
+            if not state.client_gone:
+                raise
+            task.uncancel()  # our own cancellation: the client went away; the relay ends quietly
+        except OSError:
+            pass  # the connection broke under us; same as the client going away
         finally:
-            for task in (relay, watch):
-                if not task.done():
-                    task.cancel()
-            for task in (relay, watch):
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+            state.finished = True
+            watcher.cancel()
             with contextlib.suppress(Exception):
                 await self._frames.aclose()  # type: ignore[attr-defined]
-        if relay.done() and not relay.cancelled() and relay.exception() is not None:
-            exc = relay.exception()
-            if not isinstance(exc, OSError):
-                log.error("stream relay failed", exc_info=exc)
-
-    async def _relay(self, send: Send) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": self._headers})
-        async for frame in self._frames:
-            await send({"type": "http.response.body", "body": frame, "more_body": True})
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     @staticmethod
-    async def _watch(receive: Receive) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
+    async def _watch(receive: Receive, task: asyncio.Task[Any], state: _Relay) -> None:
+        """Cancel the relay if the client disconnects while it is still running."""
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        if not state.finished:
+            state.client_gone = True
+            task.cancel()
+
+
+class _Relay:
+    __slots__ = ("client_gone", "finished")
+
+    def __init__(self) -> None:
+        self.client_gone = False
+        self.finished = False

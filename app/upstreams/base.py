@@ -63,6 +63,9 @@ class Usage:
 
 
 Event = Delta | Finish | Usage
+Batch = list[Event]
+"""The events that arrived together in one network read: rendered and written to the client as one
+piece, so a burst of upstream chunks costs one socket write, not one per chunk."""
 
 
 @dataclass(slots=True)
@@ -81,8 +84,8 @@ class Upstream(Protocol):
 
     kind: str
 
-    def stream(self, account: Account, request: ChatRequest, model: str) -> AsyncIterator[Event]:
-        """Yield the answer as neutral events; ``model`` is the upstream's id for the requested model.
+    def stream(self, account: Account, request: ChatRequest, model: str) -> AsyncIterator[Batch]:
+        """Yield the answer as non-empty batches of neutral events; ``model`` is the upstream's id.
 
         The iterator ends normally only after the protocol's end marker was seen; a ``Finish``
         comes exactly once. Any failure raises an ``UpstreamError`` subclass.

@@ -24,7 +24,7 @@ from app.errors import (
     UpstreamOverloaded,
 )
 from app.pool.account import Account
-from app.upstreams.base import ChatRequest, Completion, Delta, Event, Finish, Usage
+from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Finish, Usage
 from app.upstreams.http import TRANSPORT_ERRORS
 
 PASSTHROUGH = (
@@ -167,9 +167,10 @@ class MoonshotUpstream:
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
             raise Transient("Moonshot answered with a malformed completion body") from None
 
-    async def stream(self, account: Account, request: ChatRequest, model: str) -> AsyncIterator[Event]:
+    async def stream(self, account: Account, request: ChatRequest, model: str) -> AsyncIterator[Batch]:
         url = f"{account.spec.effective_base_url()}/chat/completions"
         finished = False
+        pending = b""
         try:
             async with self._session.post(
                 url, data=self._body(request, model, True), headers=self._headers(account, True),
@@ -177,42 +178,54 @@ class MoonshotUpstream:
             ) as response:
                 if response.status != 200:
                     raise await self._fail(response)
-                async for line in response.content:
-                    if not line.startswith(b"data:"):
-                        continue
-                    payload = line[5:].strip()
-                    if payload == b"[DONE]":
-                        if not finished:
-                            raise Transient("Moonshot stream ended without a finish_reason")
-                        return
-                    chunk = orjson.loads(payload)
-                    if "error" in chunk:
-                        error = classify(500, payload, None, self._clock.time())
-                        raise error if not isinstance(error, UpstreamBadRequest) else Transient(error.message)
-                    choices = chunk.get("choices")
-                    if choices:
-                        choice = choices[0]
-                        delta = choice.get("delta") or {}
-                        content = delta.get("content")
-                        reasoning = delta.get("reasoning_content")
-                        tool_calls = delta.get("tool_calls")
-                        if content or reasoning or tool_calls:
-                            yield Delta(content or None, reasoning or None, tool_calls)
-                        reason = choice.get("finish_reason")
-                        if reason and not finished:
-                            finished = True
-                            yield Finish(reason)
-                        usage = _usage(choice.get("usage"))
-                        if usage is not None:
-                            yield usage
-                    usage = _usage(chunk.get("usage"))
-                    if usage is not None:
-                        yield usage
+                async for data in response.content.iter_any():
+                    *lines, pending = (pending + data).split(b"\n")
+                    batch: Batch = []
+                    for line in lines:
+                        if not line.startswith(b"data:"):
+                            continue
+                        payload = line[5:].strip()
+                        if payload == b"[DONE]":
+                            if not finished:
+                                raise Transient("Moonshot stream ended without a finish_reason")
+                            if batch:
+                                yield batch
+                            return
+                        finished = self._parse(payload, batch, finished)
+                    if batch:
+                        yield batch
         except TRANSPORT_ERRORS as exc:
             raise Transient(f"Moonshot stream broke: {type(exc).__name__}") from None
         except orjson.JSONDecodeError:
             raise Transient("Moonshot sent a malformed stream chunk") from None
         raise Transient("Moonshot stream was cut before [DONE]")
+
+    def _parse(self, payload: bytes, batch: Batch, finished: bool) -> bool:
+        """Append the events of one SSE chunk to ``batch``; return whether the answer has finished."""
+        chunk = orjson.loads(payload)
+        if "error" in chunk:
+            error = classify(500, payload, None, self._clock.time())
+            raise error if not isinstance(error, UpstreamBadRequest) else Transient(error.message)
+        choices = chunk.get("choices")
+        if choices:
+            choice = choices[0]
+            delta = choice.get("delta") or {}
+            content = delta.get("content")
+            reasoning = delta.get("reasoning_content")
+            tool_calls = delta.get("tool_calls")
+            if content or reasoning or tool_calls:
+                batch.append(Delta(content or None, reasoning or None, tool_calls))
+            reason = choice.get("finish_reason")
+            if reason and not finished:
+                finished = True
+                batch.append(Finish(reason))
+            usage = _usage(choice.get("usage"))
+            if usage is not None:
+                batch.append(usage)
+        usage = _usage(chunk.get("usage"))
+        if usage is not None:
+            batch.append(usage)
+        return finished
 
     async def close(self) -> None:
         return None
