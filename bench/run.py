@@ -191,9 +191,11 @@ def target_command(name: str, work: Path) -> tuple[list[str], dict[str, str], st
             f"      api_base: {upstream}\n      api_key: {key}\n" for key in KEYS)
         config.write_text(f"model_list:\n{deployments}litellm_settings:\n  telemetry: false\n"
                           "  drop_params: true\n")
-        env = {"LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR", "LITELLM_MODE": "PRODUCTION"}
+        litellm_key = "sk-bench-" + "0123456789abcdef" * 4  # a master key, as kimi-pool has one
+        env = {"LITELLM_TELEMETRY": "False", "LITELLM_LOG": "ERROR", "LITELLM_MODE": "PRODUCTION",
+               "LITELLM_MASTER_KEY": litellm_key, "LITELLM_LOCAL_MODEL_COST_MAP": "True"}
         return [str(venv / "bin" / "litellm"), "--config", str(config), "--host", "127.0.0.1", "--port", port,
-                "--num_workers", "1"], env, ""
+                "--num_workers", "1"], env, litellm_key
     raise ValueError(name)
 
 
@@ -250,7 +252,8 @@ def main() -> None:
         raise SystemExit("wrk is not installed: apt-get install wrk")
     OUT.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, object]] = {}
-    emulator = [str(BIN / "kimi-pool"), "emulate", "moonshot", "--port", str(PORTS["emulator"]), "--keys", "4"]
+    emulator = [str(BIN / "kimi-pool"), "emulate", "moonshot", "--port", str(PORTS["emulator"]), "--keys", "4",
+                "--balance", "1e12"]  # never run out of credit mid-benchmark
     with tempfile.TemporaryDirectory() as tmp, started(emulator, cpu="0") as emu:
         wait_ready(url_of("emulator"), KEYS[0], emu)
         fast = {"chunk_interval": 0.0, "reply_words": 12}

@@ -298,3 +298,23 @@ def test_keys_revoke_and_errors(cli: Cli) -> None:
     [view] = json.loads(cli.ok("keys", "list", "--json"))
     assert view["revoked_at"] is not None
     assert "revoked" in cli.ok("keys", "list")
+
+
+def test_serve_refuses_a_public_address_without_a_key(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KIMI_POOL_MASTER_KEY", raising=False)
+    monkeypatch.delenv("API_MASTER_KEY", raising=False)
+    assert "refusing to listen on 0.0.0.0 without a key" in cli.fails("serve", "--host", "0.0.0.0")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["serve", "--accounts", "/nonexistent/accounts.toml"], "cannot read /nonexistent/accounts.toml"),
+    (["serve", "--log-level", "loud"], "bad log level 'loud'"),
+    (["emulate", "kimi-nope"], "unknown upstream kind 'kimi-nope'"),
+])
+def test_serve_and_emulate_misuse_is_one_line(cli: Cli, args: list[str], message: str) -> None:
+    assert message in cli.fails(*args)
+
+
+@pytest.mark.parametrize("args", [["serve", "--port", "70000"], ["emulate", "moonshot", "--keys", "0"]])
+def test_serve_and_emulate_bad_numbers_are_usage_errors(cli: Cli, args: list[str]) -> None:
+    assert "--" in cli.fails(*args, code=2)

@@ -11,13 +11,9 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from alembic import command
-from alembic.config import Config
-from alembic.runtime.migration import MigrationContext
-from alembic.util import CommandError
-from sqlalchemy import Connection, event
+from sqlalchemy import Connection, event, text
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.ext.asyncio import (
@@ -32,6 +28,13 @@ from sqlalchemy.pool import StaticPool
 import app
 from app.config import DEFAULT_DB_URL
 from app.errors import ConfigError
+
+if TYPE_CHECKING:
+    from alembic.config import Config
+
+SCHEMA_HEAD = "0001"
+"""The newest migration's revision. ``upgrade`` does not load alembic (~11 MB of the server's
+memory) when the database is at it already; tests/store/test_db.py keeps it equal to the scripts."""
 
 _SQLITE_PRAGMAS = (
     "PRAGMA journal_mode=WAL",
@@ -84,6 +87,10 @@ class Database:
 
     async def upgrade(self) -> str | None:
         """Run the migrations up to head (a no-op when already there); return the revision."""
+        if await self._at_head():
+            return SCHEMA_HEAD
+        from alembic.util import CommandError
+
         config = _alembic_config()
         async with self._connect() as connection:
             try:
@@ -94,6 +101,14 @@ class Database:
             except (SQLAlchemyError, OSError) as exc:
                 raise ConfigError(f"migrating {self.display_url} failed: {_reason(exc)}") from None
         return revision
+
+    async def _at_head(self) -> bool:
+        async with self._connect() as connection:
+            try:
+                found = (await connection.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
+            except SQLAlchemyError:
+                return False  # no table yet: a new database
+        return found == [SCHEMA_HEAD]
 
     async def current_revision(self) -> str | None:
         """The schema revision the database is at (``None`` for an empty database)."""
@@ -150,6 +165,8 @@ def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:
 
 
 def _alembic_config() -> Config:
+    from alembic.config import Config
+
     location = migrations_dir()
     if not (location / "env.py").is_file():
         raise ConfigError(f"migrations not found at {location} (install kimi-pool with 'pip install -e .')")
@@ -159,12 +176,16 @@ def _alembic_config() -> Config:
 
 
 def _upgrade_to_head(connection: Connection, config: Config) -> str | None:
+    from alembic import command
+
     config.attributes["connection"] = connection
     command.upgrade(config, "head")
     return _current_revision(connection)
 
 
 def _current_revision(connection: Connection) -> str | None:
+    from alembic.runtime.migration import MigrationContext
+
     return MigrationContext.configure(connection).get_current_revision()
 
 

@@ -12,6 +12,7 @@ import pytest
 from sqlalchemy import text
 
 from app.cli import run
+from app.emulator.moonshot import MoonshotEmulatorConfig
 from app.store.db import Database
 from tests.conftest import MASTER_KEY, reload, run_stack
 
@@ -179,3 +180,15 @@ async def test_client_keys_from_the_cli_authenticate_a_running_server(tmp_path: 
         async with Database(stack.db_url).session() as session:
             keys = (await session.execute(text("select client_key from usage"))).scalars().all()
         assert keys == ["batch-team"]
+
+
+@pytest.mark.parametrize("position", ["top", "both"])
+async def test_usage_is_read_wherever_moonshot_puts_it(tmp_path: Path, position: str) -> None:
+    config = MoonshotEmulatorConfig.simple(keys=1, usage_position=position)
+    async with run_stack(tmp_path, emulator=config) as stack:
+        stream = await stack.client().chat.completions.create(
+            model=MODEL, messages=HELLO, stream=True, stream_options={"include_usage": True})
+        chunks = [chunk async for chunk in stream]
+        usage_chunks = [c for c in chunks if c.usage is not None]
+        assert len(usage_chunks) == 1 and usage_chunks[0] is chunks[-1]
+        assert usage_chunks[0].usage.completion_tokens == 12  # the emulator's reply is 12 tokens

@@ -14,7 +14,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import event, inspect, text
 
 from app.errors import ConfigError
-from app.store.db import Database, migrations_dir
+from app.store.db import SCHEMA_HEAD, Database, migrations_dir
 from app.store.models import Base
 
 
@@ -121,3 +121,9 @@ async def test_password_is_masked_in_errors() -> None:
         Database("postgresql+nosuchdriver://user:hunter2@db.example/kimi")
     assert "hunter2" not in info.value.message
     assert "user:***@db.example" in info.value.message
+
+
+
+def test_schema_head_names_the_newest_migration() -> None:
+    """``Database.upgrade`` trusts SCHEMA_HEAD to skip loading alembic: it must be the scripts' head."""
+    assert head_revision() == SCHEMA_HEAD
