@@ -6,11 +6,14 @@ Kept apart from ``cli.py`` so the commands stay thin and their option parsing st
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 
 import uvicorn
 from starlette.types import ASGIApp
 
 from app.config import Settings, load_accounts_toml
+from app.errors import ConfigError
 from app.main import create_app
 
 
@@ -30,9 +33,20 @@ def _run(app: ASGIApp, host: str, port: int, log_level: str) -> None:
     uvicorn.Server(config).run()
 
 
+def migrate_in_child(db_url: str) -> None:
+    """Bring the schema to head in a short-lived child process, so alembic (~11 MB) never loads into
+    the long-running server; the server's own check then finds the schema current."""
+    done = subprocess.run([sys.executable, "-m", "app", "--db", db_url, "db", "upgrade"],
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        message = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "db upgrade failed"
+        raise ConfigError(message.removeprefix("kimi-pool: error: "))
+
+
 def serve_gateway(settings: Settings) -> None:
     if settings.accounts_file is not None:
         load_accounts_toml(settings.accounts_file)  # a broken file fails here, in one line, before binding
+    migrate_in_child(settings.db_url)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     _run(create_app(settings), settings.host, settings.port, settings.log_level)
 
