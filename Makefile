@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: setup serve test lint bench emulate clean
+.PHONY: setup serve test lint bench profile emulate clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,8 +27,16 @@ lint: $(STAMP)
 test: lint
 	$(VENV)/bin/pytest -q
 
+# The benchmark needs wrk (Debian's package) and, for LiteLLM, a second virtualenv it creates itself.
 bench: $(STAMP)
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) bench/run.py
+	$(PY) bench/report.py
+
+profile: $(STAMP)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m bench.profile
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
