@@ -7,9 +7,10 @@ and a non-zero exit status, never a traceback. Secrets are printed masked, and n
 
 import asyncio
 import json
+import re
 import sys
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -24,8 +25,8 @@ from app.clock import Clock, SystemClock
 from app.config import DEFAULT_DB_URL, Settings, load_accounts_toml, make_account_spec, mask_secret
 from app.errors import ConfigError, KimiPoolError
 from app.store.db import Database
-from app.store.models import AccountRow, ClientKeyRow
-from app.store.repository import AccountRepository, ClientKeyRepository
+from app.store.models import AccountRow, ClientKeyRow, SessionRow
+from app.store.repository import AccountRepository, ClientKeyRepository, SessionRepository
 
 PROG = "kimi-pool"
 OPERATOR_REASON = "disabled by operator"
@@ -37,9 +38,12 @@ accounts_app = typer.Typer(name="accounts", no_args_is_help=True,
 keys_app = typer.Typer(name="keys", no_args_is_help=True,
                        help="Manage the API keys clients use to call kimi-pool.")
 db_app = typer.Typer(name="db", no_args_is_help=True, help="Database maintenance.")
+sessions_app = typer.Typer(name="sessions", no_args_is_help=True,
+                           help="Inspect and purge conversation sessions (which account holds which conversation).")
 app.add_typer(accounts_app)
 app.add_typer(keys_app)
 app.add_typer(db_app)
+app.add_typer(sessions_app)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,6 +169,54 @@ def accounts_import(
     typer.echo(f"imported {path}: {counts}")
 
 
+@accounts_app.command("check")
+def accounts_check(
+    ctx: typer.Context,
+    name: Annotated[str | None, typer.Argument(
+        metavar="NAME", help="The account to probe (a disabled one too); default: every enabled account.",
+        show_default=False)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> int:
+    """Probe accounts with one free upstream request each, and record what it says.
+
+    A working account goes back to active; a rejected key becomes auth_dead; no credit, quota_exhausted.
+
+    A running server picks the change up within seconds. Exit status 0 if every probed account works, else 1.
+    """
+    from app.probe import ProbeResult, probe_accounts  # the upstream client: only for the commands using it
+    from app.upstreams.http import create_session
+    from app.upstreams.registry import Registry
+
+    state = _state(ctx)
+    settings = Settings.from_env(db_url=state.db_url)
+
+    async def check() -> list[ProbeResult]:
+        database = Database(state.db_url)
+        try:
+            await database.upgrade()
+            async with create_session(settings) as session:
+                registry = Registry.default(session, state.clock)
+                try:
+                    return await probe_accounts(database, registry, state.clock, None if name is None else [name])
+                finally:
+                    await registry.close()
+        finally:
+            await database.dispose()
+
+    results = asyncio.run(check())
+    if as_json:
+        typer.echo(json.dumps([asdict(result) for result in results], indent=2, ensure_ascii=False))
+    elif not results:
+        typer.echo("no enabled accounts to check")
+    else:
+        table = Table("name", "kind", "state", "detail")
+        for result in results:
+            change = result.before if result.after == result.before else f"{result.before} → {result.after}"
+            table.add_row(result.name, result.kind, change, result.detail)
+        _console().print(table)
+    return 0 if all(result.outcome != "failed" for result in results) else 1
+
+
 # --- keys -----------------------------------------------------------------------------------------
 
 
@@ -203,6 +255,73 @@ def keys_revoke(ctx: typer.Context, name: Annotated[str, typer.Argument(show_def
     """Revoke a client API key; requests with it are refused from then on."""
     revoked = _in_db(ctx, lambda session, now: ClientKeyRepository(session).revoke(name, now))
     typer.echo(f"revoked key {name}" if revoked else f"key {name} was already revoked")
+
+
+# --- sessions -------------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+@sessions_app.command("list")
+def sessions_list(
+    ctx: typer.Context,
+    account: Annotated[str | None, typer.Option(metavar="NAME", help="Only this account's sessions.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (with the full keys) instead of a table.")]
+    = False,
+) -> None:
+    """List conversation sessions, most recently used first, with the account that holds each.
+
+    A running server writes the time of last use behind, at most once a minute per session.
+    """
+    rows = _in_db(ctx, lambda session, _now: SessionRepository(session).list(account=account, limit=limit))
+    now = _state(ctx).clock.time()
+    views = [_session_view(row, now) for row in rows]
+    if as_json:
+        typer.echo(json.dumps(views, indent=2, ensure_ascii=False))
+        return
+    if not views:
+        typer.echo(f"no sessions of account {account}" if account is not None else "no sessions")
+        return
+    table = Table("key", "account", "last used", "expires")
+    for view in views:
+        table.add_row(_shorten(view["key"]), view["account"], _human_time(view["last_used"], now),
+                      ("expired " if view["expired"] else "") + _human_time(view["expires_at"], now))
+    _console().print(table)
+
+
+@sessions_app.command("purge")
+def sessions_purge(
+    ctx: typer.Context,
+    older_than: Annotated[str | None, typer.Option(
+        metavar="DURATION", help="Also purge sessions unused this long, e.g. 30m, 12h or 7d.")] = None,
+) -> None:
+    """Delete expired sessions, and with --older-than those unused for that long.
+
+    A running server keeps its own copy of the sessions in memory and may write a purged one back until restarted.
+    """
+    seconds = None if older_than is None else _parse_duration(older_than)
+    purged = _in_db(ctx, lambda session, now: SessionRepository(session).purge(
+        now, None if seconds is None else now - seconds))
+    typer.echo(f"purged {purged} session{'' if purged == 1 else 's'}")
+
+
+def _parse_duration(text: str) -> float:
+    """``30m``, ``12h``, ``7d`` (also ``s`` and ``w``) → seconds."""
+    match = _DURATION.match(text.strip().lower())
+    if match is None:
+        raise ConfigError(f"bad duration {text!r}: use a number and a unit (s, m, h, d or w), e.g. 30m, 12h or 7d")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _session_view(row: SessionRow, now: float) -> dict[str, Any]:
+    return {"key": row.key, "account": row.account, "chat_id": row.chat_id, "parent_id": row.parent_id,
+            "last_used": row.last_used, "expires_at": row.expires_at, "expired": row.expires_at <= now}
+
+
+def _shorten(key: str, width: int = 40) -> str:
+    return key if len(key) <= width else key[:width - 1] + "…"
 
 
 # --- db -------------------------------------------------------------------------------------------

@@ -55,6 +55,13 @@ class Settings:
     first_byte_timeout: float = 300.0
     failover_deadline: float = 60.0
     max_wait: float = 30.0
+    """Longest a request waits in the admission queue for an account with room (per request:
+    ``X-Kimi-Pool-Max-Wait``, capped by this)."""
+    max_queue: int = 1000
+    default_max_tokens: int = 1024
+    session_ttl: float = 24 * 3600.0
+    """How long a conversation stays bound to its account after its last turn."""
+    """The completion budget charged up front when a request names no ``max_tokens``."""
     sync_interval: float = 2.0
     flush_interval: float = 1.0
     cors_origins: tuple[str, ...] = ("*",)
@@ -77,6 +84,8 @@ class Settings:
     def validate(self) -> None:
         if not (0 < self.port < 65536):
             raise ConfigError(f"port must be between 1 and 65535, not {self.port}")
+        if self.max_wait < 0 or self.max_queue < 0 or self.default_max_tokens < 1:
+            raise ConfigError("max wait and queue depth must not be negative; default max tokens at least 1")
         if "://" not in self.db_url:
             raise ConfigError(f"database URL {self.db_url!r} is not a URL (e.g. {DEFAULT_DB_URL})")
         if self.master_key is None and not is_loopback(self.host):

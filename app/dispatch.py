@@ -25,7 +25,9 @@ from app.errors import (
     Transient,
     UpstreamError,
 )
+from app.pool.admission import Admission
 from app.pool.scheduler import Lease, Pool
+from app.pool.sessions import SessionTable
 from app.store.records import UsageRecord
 from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Usage
 from app.upstreams.registry import Registry
@@ -39,19 +41,28 @@ class UsageSink(Protocol):
 class RequestContext:
     request_id: str
     client: str | None
+    max_wait: float = 0.0
+    """How long the request may wait in the admission queue for an account with room."""
+    session: str | None = None
+    """The conversation key, when the request belongs to a conversation worth keeping on one account."""
     started: float = field(default_factory=time.perf_counter)
     account: str | None = None
     attempts: int = 0
+    waited: bool = False
 
 
 class Dispatcher:
-    def __init__(self, pool: Pool, registry: Registry, usage: UsageSink, clock: Clock, *,
-                 failover_deadline: float = 60.0) -> None:
+    def __init__(self, pool: Pool, admission: Admission, sessions: SessionTable, registry: Registry,
+                 usage: UsageSink, clock: Clock, *, failover_deadline: float = 60.0,
+                 default_max_tokens: int = 1024) -> None:
         self._pool = pool
+        self._admission = admission
+        self._sessions = sessions
         self._registry = registry
         self._usage = usage
         self._clock = clock
         self._deadline = failover_deadline
+        self._default_max_tokens = default_max_tokens
 
     def check_model(self, model: str) -> None:
         if model not in self._pool.models():
@@ -60,10 +71,28 @@ class Dispatcher:
 
     # --- failover ------------------------------------------------------------------------------
 
-    def _lease(self, request: ChatRequest, tried: set[str], last: UpstreamError | None, ctx: RequestContext) -> Lease:
-        lease = self._pool.acquire(request.model, tried)
-        if lease is None:
-            raise self._no_account(request.model, last)
+    def cost(self, request: ChatRequest) -> int:
+        """What the request is charged up front: prompt estimate + the completion it may produce."""
+        return estimate_tokens(request.messages) + (request.max_tokens or self._default_max_tokens)
+
+    async def _lease(self, request: ChatRequest, tried: set[str], last: UpstreamError | None,
+                     ctx: RequestContext) -> Lease:
+        now = self._clock.time()
+        binding = self._sessions.get(ctx.session, now) if ctx.session else None
+        try:
+            lease = await self._admission.wait_or_refuse(
+                request.model, self.cost(request), client=ctx.client, deadline=now + ctx.max_wait, exclude=tried,
+                prefer=binding.account if binding else None)
+        except (PoolBusy, PoolUnavailable):
+            if last is None:
+                raise
+            raise self._no_account(request.model, last) from None
+        if ctx.session:
+            name = lease.account.name
+            if binding is None or binding.account != name:
+                self._sessions.bind(ctx.session, name, self._clock.time())  # new, or the session moves
+            else:
+                self._sessions.touch(binding, self._clock.time())
         ctx.attempts += 1
         ctx.account = lease.account.name
         tried.add(lease.account.name)
@@ -80,8 +109,8 @@ class Dispatcher:
         return PoolUnavailable(f"Every account serving '{model}' failed.{why}", retry_after=max(1.0, wait))
 
     def _failed(self, lease: Lease, error: UpstreamError, deadline: float) -> None:
-        lease.release()
-        self._pool.report(lease.account, error)
+        self._pool.report(lease.account, error)  # first, so whoever the release wakes sees the new state
+        lease.release(0)  # a refused request produced no tokens
         if not error.retryable or self._clock.time() > deadline:
             raise error
 
@@ -94,7 +123,7 @@ class Dispatcher:
         status, outcome, usage = 200, "ok", None
         try:
             while True:
-                lease = self._lease(request, tried, last, ctx)
+                lease = await self._lease(request, tried, last, ctx)
                 account = lease.account
                 try:
                     completion = await self._registry.get(account.kind).complete(account, request, request.model)
@@ -102,10 +131,13 @@ class Dispatcher:
                     self._failed(lease, error, deadline)
                     last = error
                     continue
-                lease.release()
-                self._pool.succeeded(account)
+                except BaseException:
+                    lease.release()
+                    raise
                 usage = completion.usage or Usage(estimate_tokens(request.messages),
                                                   len(completion.content or "") // 4)
+                lease.release(usage.total_tokens)
+                self._pool.succeeded(account)
                 completion.usage = usage
                 return completion
         except KimiPoolError as error:
@@ -130,7 +162,7 @@ class Dispatcher:
         events: AsyncIterator[Batch] | None = None
         try:
             while True:
-                lease = self._lease(request, tried, last, ctx)
+                lease = await self._lease(request, tried, last, ctx)
                 account = lease.account
                 events = self._registry.get(account.kind).stream(account, request, request.model)
                 try:
@@ -174,10 +206,10 @@ class Dispatcher:
         finally:
             if events is not None:
                 await events.aclose()  # type: ignore[attr-defined]
-            if lease is not None:
-                lease.release()
             if usage is None:
                 usage = Usage(estimate_tokens(request.messages), chars // 4)
+            if lease is not None:
+                lease.release(usage.total_tokens)
             self._record(request, ctx, usage, status, outcome)
 
     def _record(self, request: ChatRequest, ctx: RequestContext, usage: Usage | None, status: int,

@@ -136,9 +136,14 @@ class RateLimited(UpstreamError):
     type = "rate_limit_error"
     code = "upstream_rate_limited"
 
-    def __init__(self, message: str, *, retry_after: float) -> None:
+    def __init__(self, message: str, *, retry_after: float, bucket: str | None = None,
+                 limit: int | None = None) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+        self.bucket = bucket
+        """Which window refused: ``concurrency``, ``rpm`` or ``tpm`` (None: not said)."""
+        self.limit = limit
+        """The limit the upstream named for that window, if it did."""
 
     def headers(self) -> dict[str, str]:
         return _retry_after_header(self.retry_after)

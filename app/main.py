@@ -25,15 +25,18 @@ from app.api.errors import RequestIdMiddleware, handle_http_exception, handle_ki
 from app.api.front import CHAT_PATH, ChatRoute, FrontDoor
 from app.api.ids import Ids
 from app.api.models import get_model, list_models
+from app.api.pool_status import pool_status
 from app.api.state import Gateway
 from app.clock import Clock, SystemClock
 from app.config import Settings, load_accounts_toml
 from app.dispatch import Dispatcher
 from app.errors import KimiPoolError
 from app.pool.account import Account
+from app.pool.admission import Admission
 from app.pool.scheduler import Pool
+from app.pool.sessions import SessionTable
 from app.store.db import Database
-from app.store.repository import AccountRepository
+from app.store.repository import AccountRepository, SessionRepository
 from app.store.writer import WriteBehind
 from app.sync import AccountSync
 from app.upstreams.http import create_session
@@ -85,8 +88,16 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         registry = Registry.default(session, clock)
         sync = AccountSync(db, pool, auth, clock, kinds=registry.kinds())
         await sync.load()
-        dispatcher = Dispatcher(pool, registry, writer, clock, failover_deadline=settings.failover_deadline)
-        app.state.gateway = gateway = Gateway(settings, clock, auth, pool, dispatcher, clock.time())
+        admission = Admission(pool, clock, max_queue=settings.max_queue)
+        sessions = SessionTable(ttl=settings.session_ttl)
+        async with db.session() as db_session:
+            sessions.load(await SessionRepository(db_session).load_active(clock.time()))
+        sessions.on_change(writer.put_session)
+        dispatcher = Dispatcher(pool, admission, sessions, registry, writer, clock,
+                                failover_deadline=settings.failover_deadline,
+                                default_max_tokens=settings.default_max_tokens)
+        app.state.gateway = gateway = Gateway(settings, clock, auth, pool, admission, sessions, dispatcher,
+                                              clock.time())
         app.state.chat = ChatCompletions(gateway, ids)
         app.state.writer = writer
         app.state.sync = sync
@@ -99,6 +110,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
             sync_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sync_task
+            await admission.close()
             await registry.close()
             await session.close()
             await writer.close()
@@ -108,6 +120,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         Route("/healthz", healthz, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+        Route("/v1/pool/status", pool_status, methods=["GET"]),
         Route(CHAT_PATH, ChatRoute(), methods=["POST"]),
     ]
     middleware = [

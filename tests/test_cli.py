@@ -133,8 +133,8 @@ def test_default_database_is_in_the_working_directory(tmp_path: Path, cli: Cli,
 
 
 def test_db_upgrade(cli: Cli) -> None:
-    assert "schema at revision 0001" in cli.ok("db", "upgrade")
-    assert "schema at revision 0001" in cli.ok("db", "upgrade")
+    assert "schema at revision 0002" in cli.ok("db", "upgrade")
+    assert "schema at revision 0002" in cli.ok("db", "upgrade")
 
 
 def test_help_is_the_docstring(cli: Cli) -> None:
@@ -318,3 +318,148 @@ def test_serve_and_emulate_misuse_is_one_line(cli: Cli, args: list[str], message
 @pytest.mark.parametrize("args", [["serve", "--port", "70000"], ["emulate", "moonshot", "--keys", "0"]])
 def test_serve_and_emulate_bad_numbers_are_usage_errors(cli: Cli, args: list[str]) -> None:
     assert "--" in cli.fails(*args, code=2)
+
+
+# --- sessions -------------------------------------------------------------------------------------
+
+from app.pool.sessions import Binding  # noqa: E402
+from app.store.repository import SessionRepository  # noqa: E402
+
+
+def store_sessions(cli: Cli, *bindings: Binding) -> None:
+    """What the running server writes through the write-behind."""
+
+    async def write() -> None:
+        db = Database(cli.url)
+        try:
+            await db.upgrade()
+            async with db.session() as session, session.begin():
+                await SessionRepository(session).upsert_many(bindings)
+        finally:
+            await db.dispose()
+
+    asyncio.run(write())
+
+
+def session(key: str, account: str, *, used_ago: float, expires_in: float) -> Binding:
+    now = time.time()
+    return Binding(key=key, account=account, last_used=now - used_ago, expires_at=now + expires_in)
+
+
+HOUR = 3600.0
+LONG_KEY = "h:team-a:" + "x" * 100
+
+
+def test_sessions_list(cli: Cli) -> None:
+    assert cli.ok("sessions", "list") == "no sessions\n"
+    store_sessions(cli, session(LONG_KEY, "acct-1", used_ago=60, expires_in=23 * HOUR),
+                   session("u:team-a:alice", "acct-2", used_ago=2 * HOUR, expires_in=22 * HOUR + 30),
+                   session("c:0123456789abcdef0123456789abcdef", "acct-1", used_ago=30 * HOUR, expires_in=-6 * HOUR))
+    table = cli.ok("sessions", "list")
+    assert "h:team-a:xxxx" in table and LONG_KEY not in table and "…" in table  # long keys are shortened
+    assert "u:team-a:alice" in table and "(1m ago)" in table and "(in 22h00m)" in table
+    assert "expired " in table and "(6h00m ago)" in table
+    views = json.loads(cli.ok("sessions", "list", "--json"))
+    assert [(v["key"], v["account"], v["expired"]) for v in views] == [
+        (LONG_KEY, "acct-1", False), ("u:team-a:alice", "acct-2", False),
+        ("c:0123456789abcdef0123456789abcdef", "acct-1", True)]
+    assert {"chat_id", "parent_id", "last_used", "expires_at"} <= set(views[0])
+    only = json.loads(cli.ok("sessions", "list", "--account", "acct-1", "--limit", "1", "--json"))
+    assert [v["key"] for v in only] == [LONG_KEY]
+    assert cli.ok("sessions", "list", "--account", "nobody") == "no sessions of account nobody\n"
+
+
+def test_sessions_purge_expired_then_by_age(cli: Cli) -> None:
+    store_sessions(cli, session("expired", "a", used_ago=25 * HOUR, expires_in=-HOUR),
+                   session("idle", "a", used_ago=3 * HOUR, expires_in=21 * HOUR),
+                   session("recent", "a", used_ago=10 * 60, expires_in=23 * HOUR))
+    assert cli.ok("sessions", "purge") == "purged 1 session\n"
+    assert cli.ok("sessions", "purge") == "purged 0 sessions\n"
+    assert cli.ok("sessions", "purge", "--older-than", "12h") == "purged 0 sessions\n"
+    assert cli.ok("sessions", "purge", "--older-than", "2h") == "purged 1 session\n"
+    assert [v["key"] for v in json.loads(cli.ok("sessions", "list", "--json"))] == ["recent"]
+    assert cli.ok("sessions", "purge", "--older-than", "5m") == "purged 1 session\n"
+    assert cli.ok("sessions", "list") == "no sessions\n"
+
+
+@pytest.mark.parametrize("duration", ["30m", "12h", "7d", "90s", "1w", "1.5h", " 2D "])
+def test_sessions_purge_accepts_durations(cli: Cli, duration: str) -> None:
+    assert cli.ok("sessions", "purge", "--older-than", duration) == "purged 0 sessions\n"
+
+
+@pytest.mark.parametrize("duration", ["", "7", "d", "7 days", "-1h", "1y", "1h30m", "tomorrow"])
+def test_sessions_purge_bad_duration_is_one_line_exit_1(cli: Cli, duration: str) -> None:
+    line = cli.fails("sessions", "purge", "--older-than", duration)
+    assert line.startswith(f"bad duration {duration!r}") and "30m, 12h or 7d" in line
+
+
+def test_sessions_help_is_the_docstring(cli: Cli) -> None:
+    out = cli.ok("sessions", "--help")
+    assert "List conversation sessions" in out and "Delete expired sessions" in out
+    assert "may write a purged one back until restarted" in " ".join(cli.ok("sessions", "purge", "--help").split())
+    assert "--older-than" in cli.fails("sessions", "purge", "--older-than", code=2)
+
+
+# --- accounts check: one free upstream request per account, against the emulator -------------------
+
+import socket  # noqa: E402
+
+from app.emulator.moonshot import MoonshotEmulatorConfig, create_moonshot_emulator  # noqa: E402
+from tests.conftest import serve  # noqa: E402
+
+NEVER_ISSUED = "sk-never-issued-0123456789"
+
+
+async def test_accounts_check_exit_status_table_and_json(cli: Cli) -> None:
+    app = create_moonshot_emulator(MoonshotEmulatorConfig.simple(2))
+    async with serve(app) as url:
+
+        async def call(*args: str) -> tuple[int, str, str]:
+            return await asyncio.to_thread(cli, *args)  # the CLI runs its own event loop
+
+        for name, key in (("good", "sk-emu-0001"), ("spare", "sk-emu-0002"), ("revoked", NEVER_ISSUED)):
+            assert (await call("accounts", "add", name, "--kind", "moonshot", "--api-key", key,
+                               "--base-url", url + "/v1"))[0] == 0
+
+        code, out, err = await call("accounts", "check", "good")
+        assert (code, err) == (0, "")
+        assert "good" in out and "active" in out and "spare" not in out
+
+        code, out, err = await call("accounts", "check")
+        assert (code, err) == (1, ""), "a dead key makes the check fail, for scripts to alert on"
+        assert "active → auth_dead" in out and "rejected the API key" in out
+        assert NEVER_ISSUED not in out and "sk-emu-0001" not in out
+
+        code, out, err = await call("accounts", "check", "--json")
+        assert (code, err) == (1, "")
+        views = {view["name"]: view for view in json.loads(out)}
+        assert {name: (v["before"], v["after"], v["outcome"]) for name, v in views.items()} == {
+            "good": ("active", "active", "ok"), "spare": ("active", "active", "ok"),
+            "revoked": ("auth_dead", "auth_dead", "failed")}
+        assert NEVER_ISSUED not in out
+
+        code, out, err = await call("accounts", "list", "--json")
+        assert {v["name"]: v["state"] for v in json.loads(out)}["revoked"] == "auth_dead"
+
+        code, out, err = await call("accounts", "check", "nope")
+        assert (code, out, err) == (1, "", "kimi-pool: error: no account named nope\n")
+
+        totals = app.state.emulator.snapshot()["totals"]
+        assert totals["requests"] == 0 and totals["tokens_used"] == 0, "probing spends no chat request"
+
+
+def test_accounts_check_with_nothing_to_check(cli: Cli) -> None:
+    assert cli.ok("accounts", "check") == "no enabled accounts to check\n"
+    assert json.loads(cli.ok("accounts", "check", "--json")) == []
+
+
+def test_accounts_check_of_an_unreachable_upstream_fails_and_leaves_the_state(cli: Cli) -> None:
+    with socket.socket() as closed:  # bound, never listening: connections are refused
+        closed.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{closed.getsockname()[1]}/v1"
+        cli.ok("accounts", "add", "gone", "--kind", "moonshot", "--api-key", SECRET, "--base-url", url)
+        code, out, err = cli("accounts", "check", "gone")
+    assert (code, err) == (1, "")
+    assert "unreachable" in out and SECRET not in out
+    [view] = cli.accounts()
+    assert (view["state"], view["config_rev"]) == ("active", 1)

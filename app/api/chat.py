@@ -17,12 +17,14 @@ from starlette.types import Receive, Scope, Send
 
 from app.api.errors import header, internal_error
 from app.api.ids import Ids
+from app.api.pool_status import Headroom
 from app.api.schema import parse_chat_request, parse_json
 from app.api.sse import DONE, ChunkRenderer, SSEResponse
 from app.api.state import Gateway
 from app.dispatch import RequestContext
 from app.errors import InvalidRequest, KimiPoolError, PayloadTooLarge
-from app.upstreams.base import Batch, Completion, Usage
+from app.pool.sessions import session_key
+from app.upstreams.base import Batch, ChatRequest, Completion, Usage
 
 log = logging.getLogger("kimi_pool.api")
 _JSON = (b"content-type", b"application/json")
@@ -53,6 +55,7 @@ class ChatCompletions:
     def __init__(self, gateway: Gateway, ids: Ids) -> None:
         self._gateway = gateway
         self._ids = ids
+        self._headroom = Headroom(gateway.pool)
         origins = gateway.settings.cors_origins
         self._any_origin = "*" in origins
         self._origins = frozenset(o.encode() for o in origins)
@@ -67,6 +70,20 @@ class ChatCompletions:
                 headers += [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
             headers.append((b"access-control-expose-headers", _EXPOSED))
         return headers
+
+    def _max_wait(self, scope: Scope) -> float:
+        ceiling = self._gateway.settings.max_wait
+        asked = header(scope, b"x-kimi-pool-max-wait")
+        if asked is None:
+            return ceiling
+        try:
+            seconds = float(asked)
+        except ValueError:
+            seconds = -1.0
+        if not seconds >= 0:  # also catches nan
+            raise InvalidRequest("X-Kimi-Pool-Max-Wait must be a number of seconds, 0 or more.",
+                                 param="X-Kimi-Pool-Max-Wait")
+        return min(seconds, ceiling)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = self._ids.request_id(header(scope, b"x-request-id"))
@@ -87,9 +104,12 @@ class ChatCompletions:
         raw = await read_body(receive, header(scope, b"content-length"), gateway.settings.max_body_bytes)
         chat = parse_chat_request(parse_json(raw))
         gateway.dispatcher.check_model(chat.model)
-        ctx = RequestContext(request_id, client)
+        ctx = RequestContext(request_id, client, max_wait=self._max_wait(scope),
+                             session=_conversation(scope, chat, client))
         completion_id = self._ids.completion_id()
-        created = int(gateway.clock.time())
+        now = gateway.clock.time()
+        created = int(now)
+        headers += self._headroom.headers(chat.model, now)
         if not chat.stream:
             completion = await gateway.dispatcher.complete(chat, ctx)
             body = orjson.dumps(_completion_body(completion, completion_id, created, chat.model))
@@ -101,6 +121,19 @@ class ChatCompletions:
         headers.append((b"x-kimi-pool-account", (ctx.account or "").encode()))
         renderer = ChunkRenderer(completion_id, created, chat.model)
         await SSEResponse(_frames(renderer, first, events, chat.include_usage), headers)(scope, receive, send)
+
+
+def _conversation(scope: Scope, chat: ChatRequest, client: str | None) -> str | None:
+    """The session key of a request that belongs to a conversation: one the client names
+    (``X-Session-Id`` or ``user``), or one with history. A lone first turn without either gets no
+    binding, so a batch of single-turn requests does not fill the session table; its second turn
+    (which carries the first answer) binds the conversation."""
+    named = header(scope, b"x-session-id")
+    user = chat.params.get("user")
+    if named is None and not user and not any(m.get("role") == "assistant" for m in chat.messages):
+        return None
+    return session_key(session_header=named.decode("latin-1") if named else None, user=user, client=client,
+                       messages=chat.messages)
 
 
 async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:

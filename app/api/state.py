@@ -8,7 +8,9 @@ from app.api.auth import Authenticator
 from app.clock import Clock
 from app.config import Settings
 from app.dispatch import Dispatcher
+from app.pool.admission import Admission
 from app.pool.scheduler import Pool
+from app.pool.sessions import SessionTable
 
 
 @dataclass(slots=True)
@@ -17,5 +19,7 @@ class Gateway:
     clock: Clock
     auth: Authenticator
     pool: Pool
+    admission: Admission
+    sessions: SessionTable
     dispatcher: Dispatcher
     started_at: float

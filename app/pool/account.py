@@ -9,6 +9,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from app.config import AccountSpec
+from app.pool.limits import Limits
 
 
 class State(StrEnum):
@@ -38,7 +39,7 @@ class Account:
     """Mutable runtime view of an account. Only the pool changes it."""
 
     __slots__ = (
-        "concurrency", "in_flight", "kind", "models", "name", "reason", "rev", "secret", "spec", "state",
+        "in_flight", "kind", "limits", "models", "name", "reason", "rev", "secret", "spec", "state",
         "streak", "until", "weight",
     )
 
@@ -58,7 +59,7 @@ class Account:
         self.kind = spec.kind
         self.models = frozenset(spec.effective_models())
         self.weight = spec.weight
-        self.concurrency = spec.concurrency
+        self.limits = Limits(spec)
         self.rev = rev
         self.state = state
         self.until = until
@@ -80,7 +81,7 @@ class Account:
         return False
 
     def has_room(self) -> bool:
-        return self.concurrency is None or self.in_flight < self.concurrency
+        return self.limits.has_room(self.in_flight)
 
     def could_serve_later(self) -> bool:
         """Not dead, not disabled, not out of quota without an end: it may serve once time passes."""

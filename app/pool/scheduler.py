@@ -1,8 +1,11 @@
 """The pool: which account takes the next request. Pure logic on an injected clock; no I/O.
 
 Round robin walks a ring from a cursor and takes the first account that is active, serves the
-model and has room. The ring holds each account as many times as its weight asks, interleaved
-(smooth weighted round robin), so weights scale shares without any per-decision arithmetic.
+model, has a free concurrency slot and room in its windows for the request's cost. The ring holds
+each account as many times as its weight asks, interleaved (smooth weighted round robin), so
+weights scale shares without any per-decision arithmetic. A request may *prefer* an account (its
+conversation's): it then waits for that account while it could serve before the request's
+deadline, and moves to another one when it could not.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from collections.abc import Callable, Iterable
 from app.clock import Clock
 from app.errors import AuthDead, QuotaExhausted, RateLimited, UpstreamError
 from app.pool.account import Account, State
+from app.pool.limits import Charge
 
 StateListener = Callable[[Account], None]
 
@@ -21,19 +25,20 @@ MAX_COOLDOWN = 300.0
 
 
 class Lease:
-    """An account taken for one request. ``release`` gives the slot back, once."""
+    """An account taken for one request. ``release`` gives the slot back (once) and trues up the cost."""
 
-    __slots__ = ("_pool", "account", "released")
+    __slots__ = ("_pool", "account", "charge", "released")
 
-    def __init__(self, pool: Pool, account: Account) -> None:
+    def __init__(self, pool: Pool, account: Account, charge: Charge) -> None:
         self._pool = pool
         self.account = account
+        self.charge = charge
         self.released = False
 
-    def release(self) -> None:
+    def release(self, tokens: int | None = None) -> None:
         if not self.released:
             self.released = True
-            self._pool._release(self.account)
+            self._pool._release(self, tokens)
 
 
 class Pool:
@@ -53,13 +58,15 @@ class Pool:
         return self._accounts
 
     def put(self, account: Account) -> None:
-        """Add an account or replace one of the same name, keeping its in-flight count."""
+        """Add an account or replace one of the same name, keeping its in-flight count and windows."""
         old = self._accounts.get(account.name)
         if old is not None:
             account.in_flight = old.in_flight
             account.streak = old.streak
+            account.limits.carry_over(old.limits)
         self._accounts[account.name] = account
         self._rebuild()
+        self._freed()
 
     def remove(self, name: str) -> None:
         if self._accounts.pop(name, None) is not None:
@@ -92,6 +99,7 @@ class Pool:
         self._listeners.append(listener)
 
     def on_release(self, listener: Callable[[], None]) -> None:
+        """``listener()`` runs whenever capacity may have freed (a lease ends, an account returns)."""
         self._release_listeners.append(listener)
 
     # --- questions -----------------------------------------------------------------------------
@@ -109,34 +117,79 @@ class Pool:
     def serving(self, model: str) -> Iterable[Account]:
         return (a for a in self._accounts.values() if model in a.models and a.state is not State.DISABLED)
 
-    def next_free_in(self, model: str) -> float | None:
-        """Seconds until some account could take ``model``; None if none can without an operator."""
-        now = self._clock.time()
-        times = [t for a in self.serving(model) if (t := a.free_at(now)) is not None]
-        if not times:
+    def _free_at(self, account: Account, now: float, cost: int) -> float | None:
+        """When ``account`` could take a request of ``cost`` (concurrency aside); None: not without an operator."""
+        state_free = account.free_at(now)
+        if state_free is None:
             return None
-        return max(0.0, min(times) - now)
+        return max(state_free, account.limits.free_at(now, cost))
+
+    def _pinned(self, prefer: str | None, model: str, exclude: frozenset[str] | set[str], now: float, cost: int,
+                deadline: float | None) -> Account | None:
+        """The preferred account, if the request should wait for it rather than move."""
+        if prefer is None:
+            return None
+        account = self._accounts.get(prefer)
+        if account is None or model not in account.models or prefer in exclude:
+            return None
+        at = self._free_at(account, now, cost)
+        if at is None or (deadline is not None and at > deadline):
+            return None
+        return account
+
+    def next_free_time(self, model: str, cost: int = 0, exclude: frozenset[str] | set[str] = frozenset(),
+                       prefer: str | None = None, deadline: float | None = None) -> float | None:
+        """The earliest time some account (the preferred one, if the request waits for it) could take
+        the request as far as states and windows go; ``now`` when only concurrency holds it back;
+        None when no account could serve it without an operator."""
+        now = self._clock.time()
+        pinned = self._pinned(prefer, model, exclude, now, cost, deadline)
+        if pinned is not None:
+            return self._free_at(pinned, now, cost)
+        times = [t for a in self.serving(model) if a.name not in exclude
+                 if (t := self._free_at(a, now, cost)) is not None]
+        return min(times) if times else None
+
+    def next_free_in(self, model: str, cost: int = 0) -> float | None:
+        """Seconds until some account could take ``model``; None if none can without an operator."""
+        at = self.next_free_time(model, cost)
+        return None if at is None else max(0.0, at - self._clock.time())
 
     # --- scheduling ----------------------------------------------------------------------------
 
-    def acquire(self, model: str, exclude: frozenset[str] | set[str] = frozenset()) -> Lease | None:
-        """Take the next account in ring order that can serve ``model`` now, or None."""
+    def acquire(self, model: str, cost: int = 0, exclude: frozenset[str] | set[str] = frozenset(), *,
+                prefer: str | None = None, deadline: float | None = None) -> Lease | None:
+        """Take an account that can serve ``model`` with ``cost`` tokens now, or None.
+
+        With ``prefer``, that account is taken if it can serve now; if it could before ``deadline``
+        the answer is None (wait for it); otherwise round robin picks another (the session moves).
+        """
+        now = self._clock.time()
+        if prefer is not None:
+            account = self._accounts.get(prefer)
+            if account is not None and self._fits(account, model, exclude, now, cost):
+                return self._take(account, now, cost)
+            if self._pinned(prefer, model, exclude, now, cost, deadline) is not None:
+                return None
         ring = self._ring
         size = len(ring)
-        if not size:
-            return None
-        now = self._clock.time()
         start = self._cursor
         for step in range(size):
             account = ring[(start + step) % size]
-            if account.state is not State.ACTIVE and not self._refresh(account, now):
-                continue
-            if model not in account.models or account.name in exclude or not account.has_room():
-                continue
-            self._cursor = (start + step + 1) % size
-            account.in_flight += 1
-            return Lease(self, account)
+            if self._fits(account, model, exclude, now, cost):
+                self._cursor = (start + step + 1) % size
+                return self._take(account, now, cost)
         return None
+
+    def _fits(self, account: Account, model: str, exclude: frozenset[str] | set[str], now: float, cost: int) -> bool:
+        if account.state is not State.ACTIVE and not self._refresh(account, now):
+            return False
+        return (model in account.models and account.name not in exclude and account.has_room()
+                and account.limits.fits(now, cost))
+
+    def _take(self, account: Account, now: float, cost: int) -> Lease:
+        account.in_flight += 1
+        return Lease(self, account, account.limits.charge(now, cost))
 
     def _refresh(self, account: Account, now: float) -> bool:
         if account.refresh(now):
@@ -147,11 +200,16 @@ class Pool:
         """The live object for this account (a reload may have replaced the one a lease holds)."""
         return self._accounts.get(account.name, account)
 
-    def _release(self, account: Account) -> None:
+    def _release(self, lease: Lease, tokens: int | None) -> None:
+        account = lease.account
         current = self._current(account)
         if current is not account:
             account.in_flight -= 1
         current.in_flight -= 1
+        current.limits.settle(lease.charge, tokens, self._clock.time())
+        self._freed()
+
+    def _freed(self) -> None:
         for listener in self._release_listeners:
             listener()
 
@@ -161,7 +219,7 @@ class Pool:
         self._current(account).streak = 0
 
     def report(self, account: Account, error: UpstreamError) -> None:
-        """Change the account's state as the classified upstream failure says."""
+        """Change the account's state (and learned limits) as the classified upstream failure says."""
         account = self._current(account)
         if account.state in (State.DISABLED, State.AUTH_DEAD):
             return
@@ -171,6 +229,7 @@ class Pool:
         elif isinstance(error, QuotaExhausted):
             account.exhaust(error.until, error.message)
         elif isinstance(error, RateLimited):
+            account.limits.learn(error.bucket, error.limit, account.in_flight, now)
             if account.state is State.QUOTA_EXHAUSTED:
                 return
             wait = min(MAX_COOLDOWN, max(error.retry_after, 1.0) * (2 ** min(account.streak, 8)))

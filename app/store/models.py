@@ -87,3 +87,17 @@ class HealthEventRow(Base):
     state: Mapped[str] = mapped_column(String(32))
     until: Mapped[float | None] = mapped_column(Float)
     reason: Mapped[str | None] = mapped_column(Text)
+
+
+class SessionRow(Base):
+    """A conversation key bound to the account that holds it (``app.pool.sessions.Binding``)."""
+
+    __tablename__ = "sessions"
+    __table_args__ = (Index("ix_sessions_expires_at", "expires_at"),)
+
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    account: Mapped[str] = mapped_column(String(64))
+    chat_id: Mapped[str | None] = mapped_column(Text)
+    parent_id: Mapped[str | None] = mapped_column(Text)
+    last_used: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)

@@ -1,6 +1,6 @@
 """Write-behind: the request path hands records over without ever awaiting the database.
 
-``put_usage`` and ``put_state`` are plain synchronous appends to in-memory buffers. A background
+``put_usage``, ``put_state`` and ``put_session`` are plain synchronous appends to in-memory buffers. A background
 task flushes them in one transaction every ``interval`` seconds (on the injected clock), or at once
 when ``max_batch`` usage records are waiting. A failed flush keeps the records and tries again on
 the next tick; the buffers are bounded (``max_buffer``) and drop their oldest entries, with a
@@ -14,14 +14,16 @@ that raised (whether the background task, ``close()`` or a caller ran them), and
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections import deque
 from typing import TypeVar
 
 from app.clock import Clock
+from app.pool.sessions import Binding
 from app.store.db import Database
 from app.store.records import StateChange, UsageRecord
-from app.store.repository import AccountRepository, HealthRepository, UsageRepository
+from app.store.repository import AccountRepository, HealthRepository, SessionRepository, UsageRepository
 
 logger = logging.getLogger(__name__)
 
@@ -42,6 +44,7 @@ class WriteBehind:
         self._usage: deque[UsageRecord] = deque()
         self._events: deque[StateChange] = deque()
         self._states: dict[str, _State] = {}
+        self._sessions: dict[str, Binding] = {}
         self._dropped = 0
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -66,10 +69,14 @@ class WriteBehind:
                                         reason=reason))
         self._dropped += _trim(self._events, self._max_buffer)
 
+    def put_session(self, binding: Binding) -> None:
+        """Persist a conversation binding as it is now (a copy; the latest per key wins)."""
+        self._sessions[binding.key] = dataclasses.replace(binding)
+
     @property
     def pending(self) -> int:
         """How many records wait to be written."""
-        return len(self._usage) + len(self._events) + len(self._states)
+        return len(self._usage) + len(self._events) + len(self._states) + len(self._sessions)
 
     # --- progress: for tests and operators --------------------------------------------------------
 
@@ -141,9 +148,11 @@ class WriteBehind:
             if not self.pending:
                 return False
             usage, events, states = list(self._usage), list(self._events), self._states
+            sessions = self._sessions
             self._usage.clear()
             self._events.clear()
             self._states = {}
+            self._sessions = {}
             try:
                 async with self._db.session() as session, session.begin():
                     await UsageRepository(session).add_many(usage)
@@ -151,8 +160,9 @@ class WriteBehind:
                     for account, (state, until, reason) in states.items():
                         await accounts.save_state(account, state, until, reason)
                     await HealthRepository(session).add_many(events)
+                    await SessionRepository(session).upsert_many(list(sessions.values()))
             except BaseException:
-                self._requeue(usage, events, states)
+                self._requeue(usage, events, states, sessions)
                 raise
             return True
 
@@ -170,11 +180,13 @@ class WriteBehind:
             self._progress.notify_all()
 
     def _requeue(self, usage: list[UsageRecord], events: list[StateChange],
-                 states: dict[str, _State]) -> None:
+                 states: dict[str, _State], sessions: dict[str, Binding]) -> None:
         self._usage.extendleft(reversed(usage))
         self._events.extendleft(reversed(events))
         for account, state in states.items():
             self._states.setdefault(account, state)  # a newer state put meanwhile wins
+        for key, binding in sessions.items():
+            self._sessions.setdefault(key, binding)
         self._dropped += _trim(self._usage, self._max_buffer) + _trim(self._events, self._max_buffer)
 
     async def _run(self) -> None:

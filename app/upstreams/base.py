@@ -94,4 +94,10 @@ class Upstream(Protocol):
 
     async def complete(self, account: Account, request: ChatRequest, model: str) -> Completion: ...
 
+    async def probe(self, account: Account) -> None:
+        """Check, with one request that spends nothing, that the credential works and the account
+        can take requests. Returns if so; otherwise raises the classified ``UpstreamError``
+        (``AuthDead``, ``QuotaExhausted``, ``RateLimited``, ``Transient``, …)."""
+        ...
+
     async def close(self) -> None: ...

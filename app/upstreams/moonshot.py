@@ -34,9 +34,16 @@ PASSTHROUGH = (
 _MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content", "partial"})
 _PART_KEYS = {"text": ("type", "text"), "image_url": ("type", "image_url"), "video_url": ("type", "video_url")}
 _WAIT = re.compile(r"after\s+(\d+(?:\.\d+)?)\s*s", re.IGNORECASE)
+_WINDOWS = (
+    ("concurrency", re.compile(r"concurrency:?\s*(\d+)", re.IGNORECASE)),
+    ("rpm", re.compile(r"\bRPM:?\s*(\d+)")),
+    ("tpm", re.compile(r"\bTPM\b.*?limit:?\s*(\d+)")),
+)
 _DAY = 86_400.0
 _CN_OFFSET = 8 * 3600.0
 """Moonshot's daily token window rolls over at midnight in China (UTC+8)."""
+PROBE_TIMEOUT = aiohttp.ClientTimeout(total=30.0)
+"""A probe is one small GET: it must not wait as long as a chat answer may."""
 
 
 def sanitize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -77,12 +84,22 @@ def classify(status: int, body: bytes, headers: Any, now: float) -> UpstreamErro
         if "TPD" in message:
             day_start = (now + _CN_OFFSET) // _DAY * _DAY - _CN_OFFSET
             return QuotaExhausted(f"daily token limit reached: {message}", until=day_start + _DAY)
-        return RateLimited(message, retry_after=_wait_seconds(message, headers) or 1.0)
+        bucket, limit = _window(message)
+        return RateLimited(message, retry_after=_wait_seconds(message, headers) or 1.0, bucket=bucket, limit=limit)
     if status == 404:
         return UpstreamBadRequest(message, status=404, type="invalid_request_error", code="model_not_found")
     if 400 <= status < 500:
         return UpstreamBadRequest(message, status=status, type=kind or "invalid_request_error")
     return Transient(f"Moonshot upstream error (HTTP {status}): {message[:200]}")
+
+
+def _window(message: str) -> tuple[str | None, int | None]:
+    """Which window a ``rate_limit_reached_error`` names, and the limit it states."""
+    for bucket, pattern in _WINDOWS:
+        match = pattern.search(message)
+        if match:
+            return bucket, int(match.group(1))
+    return None, None
 
 
 def _wait_seconds(message: str, headers: Any) -> float | None:
@@ -226,6 +243,26 @@ class MoonshotUpstream:
         if usage is not None:
             batch.append(usage)
         return finished
+
+    async def probe(self, account: Account) -> None:
+        """``GET /users/me/balance`` (PROTOCOLS.md 4.4): free, and it tells a dead key (401) and an
+        account out of credit (``available_balance <= 0``) from one that can take requests."""
+        url = f"{account.spec.effective_base_url()}/users/me/balance"
+        headers = {"Authorization": f"Bearer {account.secret}", "Accept": "application/json"}
+        try:
+            async with self._session.get(url, headers=headers, proxy=account.spec.proxy,
+                                         timeout=PROBE_TIMEOUT) as response:
+                if response.status != 200:
+                    raise await self._fail(response)
+                raw = await response.read()
+        except TRANSPORT_ERRORS as exc:
+            raise Transient(f"Moonshot upstream unreachable: {type(exc).__name__}") from None
+        try:
+            balance = float(orjson.loads(raw)["data"]["available_balance"])
+        except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+            raise Transient("Moonshot answered with a malformed balance body") from None
+        if balance <= 0:
+            raise QuotaExhausted(f"out of credit: balance {balance:g}")
 
     async def close(self) -> None:
         return None

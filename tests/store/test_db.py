@@ -33,12 +33,12 @@ async def db(tmp_path: Path) -> AsyncIterator[Database]:
 
 async def test_fresh_file_migrates_to_head(db: Database, tmp_path: Path) -> None:
     assert await db.current_revision() is None
-    assert await db.upgrade() == head_revision() == "0001"
+    assert await db.upgrade() == head_revision() == "0002"
     assert (tmp_path / "nested/dir/kimi-pool.db").is_file()
-    assert await db.current_revision() == "0001"
+    assert await db.current_revision() == "0002"
     async with db.engine.connect() as conn:
         tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
-    assert tables == {"alembic_version", "accounts", "client_keys", "usage", "health_events"}
+    assert tables == {"alembic_version", "accounts", "client_keys", "usage", "health_events", "sessions"}
 
 
 async def test_every_connection_gets_the_pragmas(db: Database) -> None:
@@ -60,7 +60,7 @@ async def test_second_upgrade_is_a_no_op(db: Database) -> None:
         statements.append(statement.strip().split()[0].upper())
 
     event.listen(db.engine.sync_engine, "before_cursor_execute", record)
-    assert await db.upgrade() == "0001"
+    assert await db.upgrade() == "0002"
     event.remove(db.engine.sync_engine, "before_cursor_execute", record)
     assert statements  # it did look at alembic_version ...
     writes = {"CREATE", "ALTER", "DROP", "INSERT", "UPDATE", "DELETE"}
@@ -122,6 +122,26 @@ async def test_password_is_masked_in_errors() -> None:
     assert "hunter2" not in info.value.message
     assert "user:***@db.example" in info.value.message
 
+
+
+async def test_a_database_at_0001_upgrades_and_keeps_its_rows(db: Database) -> None:
+    from alembic import command
+
+    def to_0001(connection: Any) -> None:
+        config = Config()
+        config.set_main_option("script_location", str(migrations_dir()))
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0001")
+
+    async with db.engine.begin() as conn:
+        await conn.run_sync(to_0001)
+        await conn.execute(text("INSERT INTO client_keys (name, key_hash, key_prefix, created_at) "
+                                "VALUES ('k', 'h', 'kp-', 1.0)"))
+    assert await db.current_revision() == "0001"
+    assert await db.upgrade() == SCHEMA_HEAD
+    async with db.engine.connect() as conn:
+        assert (await conn.execute(text("SELECT count(*) FROM client_keys"))).scalar() == 1
+        assert (await conn.execute(text("SELECT count(*) FROM sessions"))).scalar() == 0
 
 
 def test_schema_head_names_the_newest_migration() -> None:

@@ -13,10 +13,11 @@ from sqlalchemy import func, select
 
 from app.clock import ManualClock
 from app.config import make_account_spec
+from app.pool.sessions import Binding, SessionTable
 from app.store.db import Database
 from app.store.models import HealthEventRow, UsageRow
 from app.store.records import UsageRecord
-from app.store.repository import AccountRepository, HealthRepository
+from app.store.repository import AccountRepository, HealthRepository, SessionRepository
 from app.store.writer import WriteBehind
 
 NOW = 1_760_000_000.0
@@ -53,6 +54,7 @@ def test_puts_are_plain_synchronous_calls(migrated: Database) -> None:
     writer = WriteBehind(migrated, clock=ManualClock(NOW))
     assert not inspect.iscoroutinefunction(writer.put_usage)
     assert not inspect.iscoroutinefunction(writer.put_state)
+    assert not inspect.iscoroutinefunction(writer.put_session)
     assert writer.put_usage(record(1)) is None  # no event loop needed: nothing is awaited
     assert writer.put_state("a", "auth_dead", None, "401") is None
     assert writer.pending == 3  # one usage record, one state, one health event
@@ -197,3 +199,50 @@ async def test_close_without_start_still_flushes(migrated: Database) -> None:
     writer.put_usage(record(7))
     await writer.close()
     assert await usage_ids(migrated) == ["req-7"]
+
+
+async def stored_sessions(db: Database) -> list[Binding]:
+    async with db.session() as session:
+        return await SessionRepository(session).load_active(NOW)
+
+
+async def test_sessions_latest_per_key_wins_in_the_same_flush(migrated: Database) -> None:
+    clock = ManualClock(NOW)
+    writer = WriteBehind(migrated, clock=clock)
+    sessions = SessionTable(ttl=3600)
+    sessions.on_change(writer.put_session)
+    binding = sessions.bind("k", "web-1", NOW)
+    sessions.set_upstream(binding, "chat-1", "msg-1", NOW)
+    sessions.bind("other", "web-2", NOW)
+    writer.put_usage(record(1))
+    assert writer.pending == 3  # one usage record, two session keys
+    clock.advance(1)
+    sessions.bind("k", "web-2", clock.time())  # migrated before the flush: only this is written
+    binding.parent_id = "changed-after-the-put"  # the writer keeps what was put, not the live object
+    await writer.flush()
+    assert (writer.pending, writer.flushes) == (0, 1)
+    assert await usage_ids(migrated) == ["req-1"]
+    assert await stored_sessions(migrated) == [
+        Binding(key="other", account="web-2", last_used=NOW, expires_at=NOW + 3600),
+        Binding(key="k", account="web-2", last_used=NOW + 1, expires_at=NOW + 3601),
+    ]
+    sessions.drop("other")
+    await writer.flush()
+    assert [b.key for b in await stored_sessions(migrated)] == ["k"]
+
+
+async def test_sessions_of_a_failed_flush_are_kept_unless_put_again(tmp_path: Path) -> None:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path}/not-migrated-yet.db")
+    try:
+        writer = WriteBehind(db, clock=ManualClock(NOW))
+        writer.put_session(Binding(key="a", account="old", last_used=NOW, expires_at=NOW + 60))
+        writer.put_session(Binding(key="b", account="acct", last_used=NOW, expires_at=NOW + 60))
+        with pytest.raises(Exception, match="no such table"):
+            await writer.flush()
+        writer.put_session(Binding(key="a", account="new", last_used=NOW + 1, expires_at=NOW + 61))
+        assert writer.pending == 2
+        await db.upgrade()
+        await writer.flush()
+        assert [(b.key, b.account) for b in await stored_sessions(db)] == [("b", "acct"), ("a", "new")]
+    finally:
+        await db.dispose()

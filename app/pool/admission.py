@@ -1,0 +1,222 @@
+"""The admission queue: when no account has room, a request waits instead of failing.
+
+Waiting requests are woken by what frees capacity, never by polling: a lease ending (or an account
+coming back) wakes the queue at once; a window rolling over or a cooldown ending wakes it through
+one timer on the injected clock, armed for the earliest such moment. Each pass serves the waiting
+client keys in turn, one request each, so a batch key with thousands queued cannot starve a chat
+UI's key. A request that cannot be served before its deadline is refused at once with the honest
+time until the pool could take it; so is one that finds the queue full.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections import OrderedDict, deque
+
+from app.clock import Clock
+from app.errors import PoolBusy, PoolUnavailable
+from app.pool.scheduler import Lease, Pool
+
+LOOKAHEAD = 8
+
+
+class _Waiter:
+    __slots__ = ("client", "cost", "deadline", "exclude", "future", "model", "prefer")
+
+    def __init__(self, model: str, cost: int, client: str, exclude: frozenset[str] | set[str],
+                 prefer: str | None, deadline: float, future: asyncio.Future[Lease]) -> None:
+        self.model = model
+        self.cost = cost
+        self.client = client
+        self.exclude = exclude
+        self.prefer = prefer
+        self.deadline = deadline
+        self.future = future
+
+
+class Admission:
+    def __init__(self, pool: Pool, clock: Clock, *, max_queue: int = 1000) -> None:
+        self._pool = pool
+        self._clock = clock
+        self._max_queue = max_queue
+        self._queues: OrderedDict[str, deque[_Waiter]] = OrderedDict()
+        self._depth = 0
+        self._timer: asyncio.Task[None] | None = None
+        self._timer_at = float("inf")
+        self.waited = 0
+        """Requests that had to wait (a counter for status pages and tests)."""
+        self._depth_waiters: list[tuple[int, asyncio.Future[None]]] = []
+        pool.on_release(self._wake)
+
+    @property
+    def depth(self) -> int:
+        return self._depth
+
+    async def wait_depth(self, depth: int) -> None:
+        """Return once exactly ``depth`` requests are waiting (for status pages and tests)."""
+        if self._depth != depth:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._depth_waiters.append((depth, future))
+            await future
+
+    def _depth_changed(self) -> None:
+        if self._depth_waiters:
+            keep = []
+            for depth, future in self._depth_waiters:
+                if future.done():
+                    continue
+                if depth == self._depth:
+                    future.set_result(None)
+                else:
+                    keep.append((depth, future))
+            self._depth_waiters = keep
+
+    def depth_by_client(self) -> dict[str, int]:
+        return {client: len(queue) for client, queue in self._queues.items()}
+
+    async def acquire(self, model: str, cost: int, *, client: str | None, deadline: float,
+                      exclude: frozenset[str] | set[str] = frozenset(), prefer: str | None = None) -> Lease:
+        """A lease for ``model``, waiting until ``deadline`` if need be; ``PoolBusy`` past it."""
+        if not self._depth:
+            lease = self._pool.acquire(model, cost, exclude, prefer=prefer, deadline=deadline)
+            if lease is not None:
+                return lease
+        now = self._clock.time()
+        at = self._pool.next_free_time(model, cost, exclude, prefer, deadline)
+        if at is None:
+            raise PoolUnavailable(f"No account can serve '{model}' now: all are disabled, dead or out of quota.")
+        if at > deadline:
+            raise PoolBusy(f"Every account serving '{model}' is at its limits; retry in {at - now:.0f}s.",
+                           retry_after=at - now)
+        if self._depth >= self._max_queue:
+            raise PoolBusy(f"The queue is full ({self._max_queue} waiting); retry shortly.",
+                           retry_after=max(1.0, at - now))
+        future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
+        waiter = _Waiter(model, cost, client or "", exclude, prefer, deadline, future)
+        self._queues.setdefault(waiter.client, deque()).append(waiter)
+        self._depth += 1
+        self.waited += 1
+        self._depth_changed()
+        self._serve()
+        try:
+            return await self._wait(future, deadline)
+        except BaseException:
+            if future.done() and not future.cancelled() and future.exception() is None:
+                future.result().release()  # served just as the caller gave up: give it back
+            raise
+        finally:
+            self._forget(waiter)
+
+    async def _wait(self, future: asyncio.Future[Lease], deadline: float) -> Lease:
+        timeout = asyncio.ensure_future(self._clock.sleep_until(deadline))
+        try:
+            await asyncio.wait((future, timeout), return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            timeout.cancel()
+        if future.done():
+            return future.result()
+        future.cancel()
+        raise TimeoutError
+
+    async def wait_or_refuse(self, model: str, cost: int, *, client: str | None, deadline: float,
+                             exclude: frozenset[str] | set[str] = frozenset(), prefer: str | None = None) -> Lease:
+        """``acquire``, turning a deadline that passed into ``PoolBusy`` with an honest ``Retry-After``."""
+        try:
+            return await self.acquire(model, cost, client=client, deadline=deadline, exclude=exclude, prefer=prefer)
+        except TimeoutError:
+            at = self._pool.next_free_time(model, cost, exclude)
+            if at is None:
+                raise PoolUnavailable(
+                    f"No account can serve '{model}' now: all are disabled, dead or out of quota.") from None
+            wait = max(1.0, at - self._clock.time())
+            raise PoolBusy(f"No account serving '{model}' had room before this request's deadline; "
+                           f"retry in {wait:.0f}s.", retry_after=wait) from None
+
+    def _forget(self, waiter: _Waiter) -> None:
+        queue = self._queues.get(waiter.client)
+        if queue is not None and waiter in queue:
+            queue.remove(waiter)
+            self._depth -= 1
+            self._depth_changed()
+            if not queue:
+                del self._queues[waiter.client]
+
+    # --- serving the queue ----------------------------------------------------------------------
+
+    def _wake(self) -> None:
+        if self._depth:
+            self._serve()
+
+    def _candidates(self, queue: deque[_Waiter]) -> list[_Waiter]:
+        """A client's oldest few waiters: enough to get past one pinned to a busy account, bounded so a
+        queue of thousands costs no more than a short one."""
+        return [w for _, w in zip(range(LOOKAHEAD), queue, strict=False) if not w.future.done()]
+
+    def _serve(self) -> None:
+        """Hand out what fits, one waiter per client key per round, until a round serves nobody."""
+        served = True
+        while served and self._depth:
+            served = False
+            full: dict[str, int] = {}  # model -> smallest cost that found no room this pass
+            for client in list(self._queues):
+                queue = self._queues.get(client)
+                if not queue:
+                    continue
+                got = False
+                for waiter in self._candidates(queue):
+                    if waiter.prefer is None and not waiter.exclude and waiter.cost >= full.get(waiter.model, 1 << 62):
+                        continue
+                    lease = self._pool.acquire(waiter.model, waiter.cost, waiter.exclude, prefer=waiter.prefer,
+                                               deadline=waiter.deadline)
+                    if lease is not None:
+                        waiter.future.set_result(lease)
+                        queue.remove(waiter)
+                        self._depth -= 1
+                        self._depth_changed()
+                        served = got = True
+                        break
+                    if waiter.prefer is None and not waiter.exclude:
+                        full[waiter.model] = min(waiter.cost, full.get(waiter.model, waiter.cost))
+                if not queue:
+                    self._queues.pop(client, None)
+                elif got:
+                    self._queues.move_to_end(client)  # served: the others go first next time
+        if self._depth:
+            self._arm_for_windows()
+
+    def _arm_for_windows(self) -> None:
+        """Arm the timer for the earliest moment a window rolls or a cooldown ends for a waiter."""
+        now = self._clock.time()
+        seen: dict[tuple[str, int, str | None], float | None] = {}
+        earliest = float("inf")
+        for queue in self._queues.values():
+            for w in self._candidates(queue):
+                key = (w.model, w.cost, w.prefer)
+                if key not in seen or w.exclude:
+                    seen[key] = self._pool.next_free_time(w.model, w.cost, w.exclude, w.prefer, w.deadline)
+                at = seen[key]
+                if at is not None and now < at < earliest:
+                    earliest = at
+        if earliest < float("inf"):
+            self._arm(earliest)
+
+    def _arm(self, at: float) -> None:
+        """Make sure the queue is looked at again at time ``at`` (one timer, for the earliest moment)."""
+        if self._timer is not None and not self._timer.done() and self._timer_at <= at:
+            return
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = at
+        self._timer = asyncio.get_running_loop().create_task(self._tick(at))
+
+    async def _tick(self, at: float) -> None:
+        await self._clock.sleep_until(at)
+        self._timer_at = float("inf")
+        self._serve()
+
+    async def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._timer

@@ -1,0 +1,235 @@
+"""Per-account pacing: concurrency, requests per minute, tokens per minute, tokens per day.
+
+Cost is charged when a request starts (prompt estimate + its ``max_tokens``, the way Moonshot
+charges TPM) and trued up with the real usage when it ends. Limits come from the account's
+configuration and are *learned* from the upstream: a 429 for a window lowers that window's
+effective limit to what the upstream allowed (or the limit its message names), and the limit
+recovers by a tenth every ``RECOVER_AFTER`` seconds without another 429 on that window.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+
+from app.config import AccountSpec
+
+MINUTE = 60.0
+DAY = 86_400.0
+DAY_OFFSET = 8 * 3600.0
+"""Daily token windows roll over at midnight in China (UTC+8), as Moonshot's do."""
+RECOVER_AFTER = 300.0
+BUCKETS = ("concurrency", "rpm", "tpm", "tpd")
+
+
+class Window:
+    """The sum of amounts charged in the last ``span`` seconds."""
+
+    __slots__ = ("_entries", "_total", "span")
+
+    def __init__(self, span: float) -> None:
+        self.span = span
+        self._entries: deque[list[float]] = deque()
+        self._total = 0.0
+
+    def _prune(self, now: float) -> None:
+        entries = self._entries
+        horizon = now - self.span
+        while entries and entries[0][0] <= horizon:
+            self._total -= entries.popleft()[1]
+
+    def used(self, now: float) -> float:
+        self._prune(now)
+        return self._total
+
+    def add(self, now: float, amount: float) -> list[float]:
+        entry = [now, amount]
+        self._entries.append(entry)
+        self._total += amount
+        return entry
+
+    def adjust(self, entry: list[float], amount: float, now: float) -> None:
+        """Change what an entry charged (true-up); an entry that already left the window is gone."""
+        if entry[0] > now - self.span:
+            self._total += amount - entry[1]
+            entry[1] = amount
+
+    def free_at(self, now: float, need: float, limit: float) -> float:
+        """The earliest time ``need`` more fits under ``limit`` (``now`` if it fits already)."""
+        self._prune(now)
+        excess = self._total + min(need, limit) - limit
+        if excess <= 0:
+            return now
+        for at, amount in self._entries:
+            excess -= amount
+            if excess <= 0:
+                return at + self.span
+        return now
+
+
+class DayCounter:
+    """Tokens charged since the start of the current day (UTC+8)."""
+
+    __slots__ = ("_day", "used")
+
+    def __init__(self) -> None:
+        self._day = -1.0
+        self.used = 0.0
+
+    def _roll(self, now: float) -> None:
+        day = (now + DAY_OFFSET) // DAY
+        if day != self._day:
+            self._day = day
+            self.used = 0.0
+
+    def add(self, now: float, amount: float) -> None:
+        self._roll(now)
+        self.used += amount
+
+    def adjust(self, charged_at: float, delta: float, now: float) -> None:
+        self._roll(now)
+        if (charged_at + DAY_OFFSET) // DAY == self._day:
+            self.used = max(0.0, self.used + delta)
+
+    def free_at(self, now: float, need: float, limit: float) -> float:
+        self._roll(now)
+        if self.used + min(need, limit) <= limit:
+            return now
+        return next_day(now)
+
+    def current(self, now: float) -> float:
+        self._roll(now)
+        return self.used
+
+
+def next_day(now: float) -> float:
+    return ((now + DAY_OFFSET) // DAY + 1) * DAY - DAY_OFFSET
+
+
+class Charge:
+    """What one request charged, kept to true it up when the request ends."""
+
+    __slots__ = ("at", "cost", "rpm", "tpm")
+
+    def __init__(self, at: float, cost: int, rpm: list[float] | None, tpm: list[float] | None) -> None:
+        self.at = at
+        self.cost = cost
+        self.rpm = rpm
+        self.tpm = tpm
+
+
+class Limits:
+    """The pacing state of one account. ``fits``/``charge``/``settle`` run on every request: O(1)
+    amortised (each window entry is pruned once)."""
+
+    __slots__ = ("_learned_at", "configured", "day", "effective", "rpm", "tpm")
+
+    def __init__(self, spec: AccountSpec) -> None:
+        self.configured: dict[str, int | None] = {
+            "concurrency": spec.concurrency, "rpm": spec.rpm, "tpm": spec.tpm, "tpd": spec.tpd}
+        self.effective = dict(self.configured)
+        self._learned_at: dict[str, float] = {}
+        self.rpm = Window(MINUTE)
+        self.tpm = Window(MINUTE)
+        self.day = DayCounter()
+
+    def carry_over(self, old: Limits) -> None:
+        """Keep the windows and what was learned when the account's configuration is reloaded."""
+        self.rpm, self.tpm, self.day = old.rpm, old.tpm, old.day
+        for bucket, at in old._learned_at.items():
+            learned = old.effective[bucket]
+            configured = self.configured[bucket]
+            if learned is not None and (configured is None or learned < configured):
+                self.effective[bucket] = learned
+                self._learned_at[bucket] = at
+
+    # --- the hot path ----------------------------------------------------------------------------
+
+    def has_room(self, in_flight: int) -> bool:
+        limit = self.effective["concurrency"]
+        return limit is None or in_flight < limit
+
+    def fits(self, now: float, cost: int) -> bool:
+        if self._learned_at:
+            self._recover(now)
+        effective = self.effective
+        rpm, tpm, tpd = effective["rpm"], effective["tpm"], effective["tpd"]
+        if rpm is not None and self.rpm.used(now) + 1 > rpm:
+            return False
+        if tpm is not None and self.tpm.used(now) + min(cost, tpm) > tpm:
+            return False
+        return tpd is None or self.day.current(now) + min(cost, tpd) <= tpd
+
+    def charge(self, now: float, cost: int) -> Charge:
+        rpm = self.rpm.add(now, 1)
+        tpm = self.tpm.add(now, cost)
+        self.day.add(now, cost)
+        return Charge(now, cost, rpm, tpm)
+
+    def settle(self, charge: Charge, actual: int | None, now: float) -> None:
+        """True the charge up with the tokens really used (None: keep the up-front estimate)."""
+        if actual is None or actual == charge.cost:
+            return
+        if charge.tpm is not None:
+            self.tpm.adjust(charge.tpm, actual, now)
+        self.day.adjust(charge.at, actual - charge.cost, now)
+
+    def free_at(self, now: float, cost: int) -> float:
+        """When the time-based windows let a request of ``cost`` through (concurrency aside)."""
+        effective = self.effective
+        at = now
+        if effective["rpm"] is not None:
+            at = max(at, self.rpm.free_at(now, 1, effective["rpm"]))
+        if effective["tpm"] is not None:
+            at = max(at, self.tpm.free_at(now, cost, effective["tpm"]))
+        if effective["tpd"] is not None:
+            at = max(at, self.day.free_at(now, cost, effective["tpd"]))
+        return at
+
+    # --- learning ------------------------------------------------------------------------------
+
+    def learn(self, bucket: str | None, limit: int | None, in_flight: int, now: float) -> None:
+        """The upstream refused a request for ``bucket``; lower that window to what it allowed."""
+        if bucket not in BUCKETS:
+            return
+        if limit is None:
+            if bucket == "concurrency":
+                limit = in_flight - 1  # the others in flight were allowed; this one was not
+            elif bucket == "rpm":
+                limit = int(self.rpm.used(now)) - 1
+            elif bucket == "tpm":
+                limit = int(self.tpm.used(now) * 0.9)
+            else:
+                return
+        limit = max(1, limit)
+        current = self.effective[bucket]
+        if current is None or limit < current:
+            self.effective[bucket] = limit
+        self._learned_at[bucket] = now
+
+    def _recover(self, now: float) -> None:
+        for bucket, at in list(self._learned_at.items()):
+            steps = int((now - at) // RECOVER_AFTER)
+            if steps <= 0:
+                continue
+            learned = self.effective[bucket]
+            assert learned is not None
+            for _ in range(steps):
+                learned = learned + max(1, math.ceil(learned / 10))
+            configured = self.configured[bucket]
+            if configured is not None and learned >= configured:
+                self.effective[bucket] = configured
+                del self._learned_at[bucket]
+            else:
+                self.effective[bucket] = learned
+                self._learned_at[bucket] = at + steps * RECOVER_AFTER
+
+    def snapshot(self, now: float, in_flight: int) -> dict[str, object]:
+        return {
+            "limits": dict(self.effective),
+            "configured": dict(self.configured),
+            "in_flight": in_flight,
+            "rpm_used": int(self.rpm.used(now)),
+            "tpm_used": int(self.tpm.used(now)),
+            "tpd_used": int(self.day.current(now)),
+        }
