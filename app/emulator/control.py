@@ -144,19 +144,26 @@ class Notifier:
 class Gate:
     """Streams wait here (``hold``) until ``release`` lets every current waiter through."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_change: Callable[[], None] | None = None) -> None:
         self._event: asyncio.Event | None = None
+        self._on_change = on_change
         self.held = 0
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
 
     async def hold(self) -> None:
         if self._event is None:
             self._event = asyncio.Event()
         event = self._event
         self.held += 1
+        self._changed()
         try:
             await event.wait()
         finally:
             self.held -= 1
+            self._changed()
 
     def release(self) -> int:
         released, event = self.held, self._event

@@ -117,7 +117,7 @@ class MoonshotEmulator:
         self.config = copy.deepcopy(config)
         self.clock = clock
         self.scripts = ScriptBook(OUTCOME_KINDS)
-        self.gate = Gate()
+        self.gate = Gate(self._notify)
         self._notifier = Notifier()
         self._initial = {name: (org.balance, org.suspended) for name, org in self.config.orgs.items()}
         self.stats = MoonshotStats({k: Counters() for k in self.config.keys},
