@@ -2,8 +2,9 @@
 
 Round robin walks a ring from a cursor and takes the first account that is active, serves the
 model, has a free concurrency slot and room in its windows for the request's cost. The ring holds
-each account as many times as its weight asks, interleaved (smooth weighted round robin), so
-weights scale shares without any per-decision arithmetic. A request may *prefer* an account (its
+each account as many times as its weight asks, interleaved (stride order: the k-th copy of an
+account with r copies sits at (k + ½) / r), so weights scale shares without any per-decision
+arithmetic. The ring is rebuilt lazily, once after a batch of membership changes. A request may *prefer* an account (its
 conversation's): it then waits for that account while it could serve before the request's
 deadline, and moves to another one when it could not.
 """
@@ -50,6 +51,7 @@ class Pool:
         self._listeners: list[StateListener] = []
         self._release_listeners: list[Callable[[], None]] = []
         self._models: frozenset[str] | None = None
+        self._ring_stale = False
 
     # --- membership (driven by the store sync) -------------------------------------------------
 
@@ -65,15 +67,19 @@ class Pool:
             account.streak = old.streak
             account.limits.carry_over(old.limits)
         self._accounts[account.name] = account
-        self._rebuild()
+        self._stale()
         self._freed()
 
     def remove(self, name: str) -> None:
         if self._accounts.pop(name, None) is not None:
-            self._rebuild()
+            self._stale()
+
+    def _stale(self) -> None:
+        self._models = None
+        self._ring_stale = True
 
     def _rebuild(self) -> None:
-        self._models = None
+        self._ring_stale = False
         accounts = list(self._accounts.values())
         if not accounts:
             self._ring = []
@@ -81,19 +87,10 @@ class Pool:
         lowest = min(a.weight for a in accounts)
         reps = [max(1, round(a.weight / lowest * 10)) for a in accounts]
         divisor = math.gcd(*reps)
-        reps = [r // divisor for r in reps]
-        # smooth weighted round robin, computed once per membership change
-        total = sum(reps)
-        current = [0] * len(accounts)
-        ring: list[Account] = []
-        for _ in range(total):
-            for i, r in enumerate(reps):
-                current[i] += r
-            best = max(range(len(accounts)), key=current.__getitem__)
-            current[best] -= total
-            ring.append(accounts[best])
-        self._ring = ring
-        self._cursor %= len(ring)
+        slots = [((k + 0.5) / (r // divisor), i) for i, r in enumerate(reps) for k in range(r // divisor)]
+        slots.sort()
+        self._ring = [accounts[i] for _, i in slots]
+        self._cursor %= len(self._ring)
 
     def on_state_change(self, listener: StateListener) -> None:
         self._listeners.append(listener)
@@ -171,6 +168,8 @@ class Pool:
                 return self._take(account, now, cost)
             if self._pinned(prefer, model, exclude, now, cost, deadline) is not None:
                 return None
+        if self._ring_stale:
+            self._rebuild()
         ring = self._ring
         size = len(ring)
         start = self._cursor
