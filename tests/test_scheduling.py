@@ -47,13 +47,13 @@ async def test_a_burst_is_paced_under_every_limit_and_the_upstream_never_says_42
             refused = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO},
                                       headers={"Authorization": f"Bearer {MASTER_KEY}", "X-Kimi-Pool-Max-Wait": "1"})
         assert refused.status_code == 429 and refused.json()["error"]["type"] == "rate_limit_error"
-        assert refused.headers["retry-after"] == "60"
+        assert refused.headers["retry-after"] == "60"  # a minute (whole seconds, capped at 60)
         assert stack.emulator.snapshot()["totals"]["requests"] == 12, "it never reached the upstream"
 
         # and a request that may wait is served when the minute rolls over, without polling
         waiting = asyncio.create_task(client.chat.completions.create(model=MODEL, messages=HELLO))
         await stack.gateway.admission.wait_depth(1)
-        stack.clock.advance(60)
+        stack.clock.advance(61)
         assert (await waiting).choices[0].message.content
 
 

@@ -19,11 +19,19 @@ DAY = 86_400.0
 DAY_OFFSET = 8 * 3600.0
 """Daily token windows roll over at midnight in China (UTC+8), as Moonshot's do."""
 RECOVER_AFTER = 300.0
+RESOLUTION = 0.25
+"""Seconds per window bucket."""
 BUCKETS = ("concurrency", "rpm", "tpm", "tpd")
 
 
 class Window:
-    """The sum of amounts charged in the last ``span`` seconds."""
+    """The sum of amounts charged in the last ``span`` seconds, kept in buckets of ``RESOLUTION``.
+
+    Buckets bound the memory and the work to ``span / RESOLUTION`` entries whatever the request
+    rate (one entry per request held ~500,000 live objects at 8,000 requests/s, and the garbage
+    collector paid for them). A bucket leaves the window when its *last* instant is ``span`` old,
+    so the window errs on the safe side by at most one bucket.
+    """
 
     __slots__ = ("_entries", "_total", "span")
 
@@ -34,7 +42,7 @@ class Window:
 
     def _prune(self, now: float) -> None:
         entries = self._entries
-        horizon = now - self.span
+        horizon = now - self.span - RESOLUTION
         while entries and entries[0][0] <= horizon:
             self._total -= entries.popleft()[1]
 
@@ -43,16 +51,22 @@ class Window:
         return self._total
 
     def add(self, now: float, amount: float) -> list[float]:
-        entry = [now, amount]
-        self._entries.append(entry)
+        start = now - now % RESOLUTION
+        entries = self._entries
+        if entries and entries[-1][0] == start:
+            entry = entries[-1]
+            entry[1] += amount
+        else:
+            entry = [start, amount]
+            entries.append(entry)
         self._total += amount
         return entry
 
-    def adjust(self, entry: list[float], amount: float, now: float) -> None:
-        """Change what an entry charged (true-up); an entry that already left the window is gone."""
-        if entry[0] > now - self.span:
-            self._total += amount - entry[1]
-            entry[1] = amount
+    def adjust(self, entry: list[float], delta: float, now: float) -> None:
+        """Change what a bucket holds by ``delta`` (true-up); a bucket that left the window is gone."""
+        if entry[0] > now - self.span - RESOLUTION:
+            entry[1] += delta
+            self._total += delta
 
     def free_at(self, now: float, need: float, limit: float) -> float:
         """The earliest time ``need`` more fits under ``limit`` (``now`` if it fits already)."""
@@ -60,10 +74,10 @@ class Window:
         excess = self._total + min(need, limit) - limit
         if excess <= 0:
             return now
-        for at, amount in self._entries:
+        for start, amount in self._entries:
             excess -= amount
             if excess <= 0:
-                return at + self.span
+                return start + RESOLUTION + self.span
         return now
 
 
@@ -171,7 +185,7 @@ class Limits:
         if actual is None or actual == charge.cost:
             return
         if charge.tpm is not None:
-            self.tpm.adjust(charge.tpm, actual, now)
+            self.tpm.adjust(charge.tpm, actual - charge.cost, now)
         self.day.adjust(charge.at, actual - charge.cost, now)
 
     def free_at(self, now: float, cost: int) -> float:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from app.config import make_account_spec
-from app.pool.limits import DAY, RECOVER_AFTER, DayCounter, Limits, Window, next_day
+from app.pool.limits import DAY, RECOVER_AFTER, RESOLUTION, DayCounter, Limits, Window, next_day
 
 T0 = 1_760_000_000.0  # 2025-10-09 08:53:20 UTC, 16:53:20 in UTC+8
 
@@ -15,10 +15,12 @@ def limits(**kw: object) -> Limits:
 def test_a_window_forgets_what_is_older_than_its_span() -> None:
     window = Window(60)
     window.add(T0, 5)
+    window.add(T0 + 0.1, 1)  # same bucket
     window.add(T0 + 30, 7)
-    assert window.used(T0 + 59) == 12
-    assert window.used(T0 + 60) == 7
-    assert window.used(T0 + 90) == 0
+    assert window.used(T0 + 60) == 13, "a bucket stays until its last instant is a minute old"
+    assert window.used(T0 + 60 + RESOLUTION) == 7
+    assert window.used(T0 + 91) == 0
+    assert len(window._entries) == 0
 
 
 def test_free_at_is_when_enough_of_the_window_has_rolled_off() -> None:
@@ -26,9 +28,16 @@ def test_free_at_is_when_enough_of_the_window_has_rolled_off() -> None:
     window.add(T0, 5)
     window.add(T0 + 10, 5)
     assert window.free_at(T0 + 20, 0, 10) == T0 + 20
-    assert window.free_at(T0 + 20, 3, 10) == T0 + 60
-    assert window.free_at(T0 + 20, 8, 10) == T0 + 70
-    assert window.free_at(T0 + 20, 50, 10) == T0 + 70, "more than the limit waits for an empty window"
+    assert window.free_at(T0 + 20, 3, 10) == T0 + 60 + RESOLUTION
+    assert window.free_at(T0 + 20, 8, 10) == T0 + 70 + RESOLUTION
+    assert window.free_at(T0 + 20, 50, 10) == T0 + 70 + RESOLUTION, "more than the limit waits for an empty window"
+
+
+def test_a_window_holds_one_entry_per_bucket_whatever_the_rate() -> None:
+    window = Window(60)
+    for i in range(10_000):
+        window.add(T0 + i * 0.006, 1)  # 10,000 requests in a minute
+    assert window.used(T0 + 60) == 10_000 and len(window._entries) <= 60 / RESOLUTION + 1
 
 
 def test_rpm_and_concurrency_limit_requests() -> None:
@@ -37,8 +46,8 @@ def test_rpm_and_concurrency_limit_requests() -> None:
     lim.charge(T0, 10)
     lim.charge(T0 + 1, 10)
     assert not lim.fits(T0 + 2, 10)
-    assert lim.free_at(T0 + 2, 10) == T0 + 60
-    assert lim.fits(T0 + 60, 10)
+    assert lim.free_at(T0 + 2, 10) == T0 + 60 + RESOLUTION
+    assert lim.fits(T0 + 60 + RESOLUTION, 10)
 
 
 def test_tpm_charges_up_front_and_trues_up_with_real_usage() -> None:
