@@ -472,6 +472,11 @@ def serve(
     accounts: Annotated[Path | None, typer.Option(
         metavar="FILE", help="accounts.toml to import (create or update) before serving.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    max_wait: Annotated[float, typer.Option(
+        min=0, help="Longest a request waits for an account with room (X-Kimi-Pool-Max-Wait may ask less).")]
+    = 30.0,
+    max_queue: Annotated[int, typer.Option(min=0, help="Most requests waiting at once; beyond, 429 at once.")]
+    = 1000,
 ) -> None:
     """Serve the OpenAI-compatible gateway. The database is migrated to the current schema first."""
     if log_level not in ("debug", "info", "warning", "error"):
@@ -479,7 +484,7 @@ def serve(
     from app.serve import serve_gateway  # the server stack is imported only by the commands that run it
 
     settings = Settings.from_env(db_url=_state(ctx).db_url, host=host, port=port, accounts_file=accounts,
-                                 log_level=log_level)
+                                 log_level=log_level, max_wait=max_wait, max_queue=max_queue)
     serve_gateway(settings)
 
 
