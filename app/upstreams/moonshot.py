@@ -158,13 +158,15 @@ class MoonshotUpstream:
             body = b""
         return classify(response.status, body, response.headers, self._clock.time())
 
+    def _post(self, account: Account, request: ChatRequest, model: str, stream: bool) -> Any:
+        """The chat completion request, as an ``async with`` context giving the response."""
+        return self._session.post(
+            f"{account.spec.effective_base_url()}/chat/completions", data=self._body(request, model, stream),
+            headers=self._headers(account, stream), proxy=account.spec.proxy)
+
     async def complete(self, account: Account, request: ChatRequest, model: str) -> Completion:
-        url = f"{account.spec.effective_base_url()}/chat/completions"
         try:
-            async with self._session.post(
-                url, data=self._body(request, model, False), headers=self._headers(account, False),
-                proxy=account.spec.proxy,
-            ) as response:
+            async with self._post(account, request, model, False) as response:
                 if response.status != 200:
                     raise await self._fail(response)
                 raw = await response.read()
@@ -185,14 +187,10 @@ class MoonshotUpstream:
             raise Transient("Moonshot answered with a malformed completion body") from None
 
     async def stream(self, account: Account, request: ChatRequest, model: str) -> AsyncIterator[Batch]:
-        url = f"{account.spec.effective_base_url()}/chat/completions"
         finished = False
         pending = b""
         try:
-            async with self._session.post(
-                url, data=self._body(request, model, True), headers=self._headers(account, True),
-                proxy=account.spec.proxy,
-            ) as response:
+            async with self._post(account, request, model, True) as response:
                 if response.status != 200:
                     raise await self._fail(response)
                 async for data in response.content.iter_any():
