@@ -7,30 +7,31 @@ and a non-zero exit status, never a traceback. Secrets are printed masked, and n
 
 import asyncio
 import json
-import re
 import sys
-from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass
-from datetime import datetime
+from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 from urllib.parse import urlsplit, urlunsplit
 
 import typer
-from rich.console import Console
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.clock import Clock, SystemClock
+from app.cli_servers import emulate, serve
+from app.cli_sessions import sessions_app
+from app.cli_support import PROG, CliState
+from app.cli_support import cli_state as _state
+from app.cli_support import console as _console
+from app.cli_support import human_time as _human_time
+from app.cli_support import in_db as _in_db
+from app.clock import SystemClock
 from app.config import DEFAULT_DB_URL, Settings, load_accounts_toml, make_account_spec, mask_secret
 from app.errors import ConfigError, KimiPoolError
 from app.store.db import Database
-from app.store.models import AccountRow, ClientKeyRow, SessionRow
-from app.store.repository import AccountRepository, ClientKeyRepository, SessionRepository
+from app.store.models import AccountRow, ClientKeyRow
+from app.store.repository import AccountRepository, ClientKeyRepository
 
-PROG = "kimi-pool"
 OPERATOR_REASON = "disabled by operator"
-_T = TypeVar("_T")
 
 app = typer.Typer(name=PROG, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 accounts_app = typer.Typer(name="accounts", no_args_is_help=True,
@@ -38,20 +39,12 @@ accounts_app = typer.Typer(name="accounts", no_args_is_help=True,
 keys_app = typer.Typer(name="keys", no_args_is_help=True,
                        help="Manage the API keys clients use to call kimi-pool.")
 db_app = typer.Typer(name="db", no_args_is_help=True, help="Database maintenance.")
-sessions_app = typer.Typer(name="sessions", no_args_is_help=True,
-                           help="Inspect and purge conversation sessions (which account holds which conversation).")
 app.add_typer(accounts_app)
 app.add_typer(keys_app)
 app.add_typer(db_app)
 app.add_typer(sessions_app)
-
-
-@dataclass(frozen=True, slots=True)
-class CliState:
-    """What the global options give every command (``ctx.obj``)."""
-
-    db_url: str
-    clock: Clock
+app.command("serve")(serve)
+app.command("emulate")(emulate)
 
 
 @app.callback()
@@ -257,73 +250,6 @@ def keys_revoke(ctx: typer.Context, name: Annotated[str, typer.Argument(show_def
     typer.echo(f"revoked key {name}" if revoked else f"key {name} was already revoked")
 
 
-# --- sessions -------------------------------------------------------------------------------------
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
-
-@sessions_app.command("list")
-def sessions_list(
-    ctx: typer.Context,
-    account: Annotated[str | None, typer.Option(metavar="NAME", help="Only this account's sessions.")] = None,
-    limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 50,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (with the full keys) instead of a table.")]
-    = False,
-) -> None:
-    """List conversation sessions, most recently used first, with the account that holds each.
-
-    A running server writes the time of last use behind, at most once a minute per session.
-    """
-    rows = _in_db(ctx, lambda session, _now: SessionRepository(session).list(account=account, limit=limit))
-    now = _state(ctx).clock.time()
-    views = [_session_view(row, now) for row in rows]
-    if as_json:
-        typer.echo(json.dumps(views, indent=2, ensure_ascii=False))
-        return
-    if not views:
-        typer.echo(f"no sessions of account {account}" if account is not None else "no sessions")
-        return
-    table = Table("key", "account", "last used", "expires")
-    for view in views:
-        table.add_row(_shorten(view["key"]), view["account"], _human_time(view["last_used"], now),
-                      ("expired " if view["expired"] else "") + _human_time(view["expires_at"], now))
-    _console().print(table)
-
-
-@sessions_app.command("purge")
-def sessions_purge(
-    ctx: typer.Context,
-    older_than: Annotated[str | None, typer.Option(
-        metavar="DURATION", help="Also purge sessions unused this long, e.g. 30m, 12h or 7d.")] = None,
-) -> None:
-    """Delete expired sessions, and with --older-than those unused for that long.
-
-    A running server keeps its own copy of the sessions in memory and may write a purged one back until restarted.
-    """
-    seconds = None if older_than is None else _parse_duration(older_than)
-    purged = _in_db(ctx, lambda session, now: SessionRepository(session).purge(
-        now, None if seconds is None else now - seconds))
-    typer.echo(f"purged {purged} session{'' if purged == 1 else 's'}")
-
-
-def _parse_duration(text: str) -> float:
-    """``30m``, ``12h``, ``7d`` (also ``s`` and ``w``) → seconds."""
-    match = _DURATION.match(text.strip().lower())
-    if match is None:
-        raise ConfigError(f"bad duration {text!r}: use a number and a unit (s, m, h, d or w), e.g. 30m, 12h or 7d")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
-
-
-def _session_view(row: SessionRow, now: float) -> dict[str, Any]:
-    return {"key": row.key, "account": row.account, "chat_id": row.chat_id, "parent_id": row.parent_id,
-            "last_used": row.last_used, "expires_at": row.expires_at, "expired": row.expires_at <= now}
-
-
-def _shorten(key: str, width: int = 40) -> str:
-    return key if len(key) <= width else key[:width - 1] + "…"
-
-
 # --- db -------------------------------------------------------------------------------------------
 
 
@@ -343,33 +269,6 @@ def db_upgrade(ctx: typer.Context) -> None:
 
 
 # --- plumbing -------------------------------------------------------------------------------------
-
-
-def _state(ctx: typer.Context) -> CliState:
-    state = ctx.find_root().obj
-    assert isinstance(state, CliState)
-    return state
-
-
-def _in_db(ctx: typer.Context, work: Callable[[AsyncSession, float], Awaitable[_T]]) -> _T:
-    """Open the database, bring its schema up to date, run ``work`` in one transaction, close."""
-    state = _state(ctx)
-
-    async def main() -> _T:
-        database = Database(state.db_url)
-        try:
-            await database.upgrade()
-            async with database.session() as session, session.begin():
-                return await work(session, state.clock.time())
-        finally:
-            await database.dispose()
-
-    return asyncio.run(main())
-
-
-def _console() -> Console:
-    # Piped output is not cut to 80 columns; no markup, so names and reasons print as they are.
-    return Console(width=None if sys.stdout.isatty() else 200, markup=False, highlight=False, emoji=False)
 
 
 def _account_view(row: AccountRow) -> dict[str, Any]:
@@ -409,22 +308,6 @@ def _mask_url(url: str | None) -> str | None:
     return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
-def _human_time(ts: float | None, now: float) -> str:
-    if ts is None:
-        return "-"
-    seconds = abs(ts - now)
-    if seconds < 60:
-        span = f"{seconds:.0f}s"
-    elif seconds < 3600:
-        span = f"{seconds // 60:.0f}m"
-    elif seconds < 2 * 86400:
-        span = f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
-    else:
-        span = f"{seconds // 86400:.0f}d"
-    when = datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
-    return f"{when} (in {span})" if ts >= now else f"{when} ({span} ago)"
-
-
 def _fail(message: str, code: int) -> int:
     lines = str(message).strip().splitlines() or [""]
     print(f"{PROG}: error: {' '.join(line.strip() for line in lines)}", file=sys.stderr)
@@ -458,65 +341,3 @@ def run(argv: list[str] | None = None) -> int:
 
 def main() -> None:
     sys.exit(run())
-
-
-# --- servers --------------------------------------------------------------------------------------
-
-
-@app.command("serve")
-def serve(
-    ctx: typer.Context,
-    host: Annotated[str, typer.Option(help="Address to listen on; anything but loopback needs a master key.")]
-    = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 8088,
-    accounts: Annotated[Path | None, typer.Option(
-        metavar="FILE", help="accounts.toml to import (create or update) before serving.")] = None,
-    log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
-    max_wait: Annotated[float, typer.Option(
-        min=0, help="Longest a request waits for an account with room (X-Kimi-Pool-Max-Wait may ask less).")]
-    = 30.0,
-    max_queue: Annotated[int, typer.Option(min=0, help="Most requests waiting at once; beyond, 429 at once.")]
-    = 1000,
-) -> None:
-    """Serve the OpenAI-compatible gateway. The database is migrated to the current schema first."""
-    if log_level not in ("debug", "info", "warning", "error"):
-        raise ConfigError(f"bad log level {log_level!r}: use debug, info, warning or error")
-    from app.serve import serve_gateway  # the server stack is imported only by the commands that run it
-
-    settings = Settings.from_env(db_url=_state(ctx).db_url, host=host, port=port, accounts_file=accounts,
-                                 log_level=log_level, max_wait=max_wait, max_queue=max_queue)
-    serve_gateway(settings)
-
-
-@app.command("emulate")
-def emulate(
-    kind: Annotated[str, typer.Argument(help="Which upstream to emulate: moonshot.", show_default=False)],
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 9001,
-    keys: Annotated[int, typer.Option(min=1, max=10_000, help="API keys sk-emu-0001…, one organization each.")] = 4,
-    concurrency: Annotated[int | None, typer.Option(min=1, help="Concurrent requests per organization.")] = None,
-    rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute per organization.")] = None,
-    tpm: Annotated[int | None, typer.Option(min=1, help="Tokens per minute per organization.")] = None,
-    tpd: Annotated[int | None, typer.Option(min=1, help="Tokens per day per organization.")] = None,
-    balance: Annotated[float, typer.Option(help="Starting balance of each organization.")] = 100.0,
-    first_token_delay: Annotated[float, typer.Option(min=0, help="Seconds before the first token.")] = 0.0,
-    chunk_interval: Annotated[float, typer.Option(min=0, help="Seconds between streamed chunks.")] = 0.0,
-    reply_words: Annotated[int, typer.Option(min=1, help="Words in each (deterministic) reply.")] = 12,
-    usage_position: Annotated[str, typer.Option(help="Where streams carry usage: choice, top or both.")]
-    = "choice",
-) -> None:
-    """Serve a faithful offline stand-in for an upstream (see PROTOCOLS.md), with control routes under /__fake/."""
-    from app.emulator.moonshot import MoonshotEmulatorConfig, create_moonshot_emulator
-    from app.serve import serve_emulator
-
-    if kind != "moonshot":
-        raise ConfigError(f"unknown upstream kind {kind!r} to emulate (this build has: moonshot)")
-    try:
-        config = MoonshotEmulatorConfig.simple(
-            keys, concurrency=concurrency, rpm=rpm, tpm=tpm, tpd=tpd, balance=balance,
-            first_token_delay=first_token_delay, chunk_interval=chunk_interval, reply_words=reply_words,
-            usage_position=usage_position)
-    except ValueError as exc:
-        raise ConfigError(str(exc)) from None
-    print(f"emulating moonshot on http://{host}:{port}/v1 with keys sk-emu-0001…sk-emu-{keys:04d}", file=sys.stderr)
-    serve_emulator(create_moonshot_emulator(config), host, port)

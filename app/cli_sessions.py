@@ -1,0 +1,88 @@
+"""``kimi-pool sessions``: which account holds which conversation."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from app.cli_support import cli_state as _state
+from app.cli_support import console as _console
+from app.cli_support import human_time as _human_time
+from app.cli_support import in_db as _in_db
+from app.errors import ConfigError
+from app.store.models import SessionRow
+from app.store.repository import SessionRepository
+
+sessions_app = typer.Typer(name="sessions", no_args_is_help=True,
+                           help="Inspect and purge conversation sessions (which account holds which conversation).")
+
+
+# --- sessions -------------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+@sessions_app.command("list")
+def sessions_list(
+    ctx: typer.Context,
+    account: Annotated[str | None, typer.Option(metavar="NAME", help="Only this account's sessions.")] = None,
+    limit: Annotated[int, typer.Option(min=1, help="Show at most this many.")] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (with the full keys) instead of a table.")]
+    = False,
+) -> None:
+    """List conversation sessions, most recently used first, with the account that holds each.
+
+    A running server writes the time of last use behind, at most once a minute per session.
+    """
+    rows = _in_db(ctx, lambda session, _now: SessionRepository(session).list(account=account, limit=limit))
+    now = _state(ctx).clock.time()
+    views = [_session_view(row, now) for row in rows]
+    if as_json:
+        typer.echo(json.dumps(views, indent=2, ensure_ascii=False))
+        return
+    if not views:
+        typer.echo(f"no sessions of account {account}" if account is not None else "no sessions")
+        return
+    table = Table("key", "account", "last used", "expires")
+    for view in views:
+        table.add_row(_shorten(view["key"]), view["account"], _human_time(view["last_used"], now),
+                      ("expired " if view["expired"] else "") + _human_time(view["expires_at"], now))
+    _console().print(table)
+
+
+@sessions_app.command("purge")
+def sessions_purge(
+    ctx: typer.Context,
+    older_than: Annotated[str | None, typer.Option(
+        metavar="DURATION", help="Also purge sessions unused this long, e.g. 30m, 12h or 7d.")] = None,
+) -> None:
+    """Delete expired sessions, and with --older-than those unused for that long.
+
+    A running server keeps its own copy of the sessions in memory and may write a purged one back until restarted.
+    """
+    seconds = None if older_than is None else _parse_duration(older_than)
+    purged = _in_db(ctx, lambda session, now: SessionRepository(session).purge(
+        now, None if seconds is None else now - seconds))
+    typer.echo(f"purged {purged} session{'' if purged == 1 else 's'}")
+
+
+def _parse_duration(text: str) -> float:
+    """``30m``, ``12h``, ``7d`` (also ``s`` and ``w``) → seconds."""
+    match = _DURATION.match(text.strip().lower())
+    if match is None:
+        raise ConfigError(f"bad duration {text!r}: use a number and a unit (s, m, h, d or w), e.g. 30m, 12h or 7d")
+    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def _session_view(row: SessionRow, now: float) -> dict[str, Any]:
+    return {"key": row.key, "account": row.account, "chat_id": row.chat_id, "parent_id": row.parent_id,
+            "last_used": row.last_used, "expires_at": row.expires_at, "expired": row.expires_at <= now}
+
+
+def _shorten(key: str, width: int = 40) -> str:
+    return key if len(key) <= width else key[:width - 1] + "…"

@@ -1,0 +1,71 @@
+"""What the command modules share: the global state, the database helper, the console, time display."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from datetime import datetime
+from typing import TypeVar
+
+import typer
+from rich.console import Console
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.clock import Clock
+from app.store.db import Database
+
+PROG = "kimi-pool"
+_T = TypeVar("_T")
+
+
+@dataclass(frozen=True, slots=True)
+class CliState:
+    """What the global options give every command (``ctx.obj``)."""
+
+    db_url: str
+    clock: Clock
+
+
+def cli_state(ctx: typer.Context) -> CliState:
+    state = ctx.find_root().obj
+    assert isinstance(state, CliState)
+    return state
+
+
+def in_db(ctx: typer.Context, work: Callable[[AsyncSession, float], Awaitable[_T]]) -> _T:
+    """Open the database, bring its schema up to date, run ``work`` in one transaction, close."""
+    state = cli_state(ctx)
+
+    async def main() -> _T:
+        database = Database(state.db_url)
+        try:
+            await database.upgrade()
+            async with database.session() as session, session.begin():
+                return await work(session, state.clock.time())
+        finally:
+            await database.dispose()
+
+    return asyncio.run(main())
+
+
+def console() -> Console:
+    # Piped output is not cut to 80 columns; no markup, so names and reasons print as they are.
+    return Console(width=None if sys.stdout.isatty() else 200, markup=False, highlight=False, emoji=False)
+
+
+def human_time(ts: float | None, now: float) -> str:
+    if ts is None:
+        return "-"
+    seconds = abs(ts - now)
+    if seconds < 60:
+        span = f"{seconds:.0f}s"
+    elif seconds < 3600:
+        span = f"{seconds // 60:.0f}m"
+    elif seconds < 2 * 86400:
+        span = f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
+    else:
+        span = f"{seconds // 86400:.0f}d"
+    when = datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+    return f"{when} (in {span})" if ts >= now else f"{when} ({span} ago)"
