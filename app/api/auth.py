@@ -6,18 +6,15 @@ and no client keys configured the gateway is open, which ``Settings`` allows on 
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 
 from starlette.datastructures import Headers
 
 from app.errors import AuthenticationFailed
+from app.store.repository import hash_key
 
 MASTER = "master"
 
-
-def hash_key(key: str) -> str:
-    return hashlib.sha256(key.encode()).hexdigest()
 
 
 class Authenticator:

@@ -164,14 +164,18 @@ class MoonshotUpstream:
             f"{account.spec.effective_base_url()}/chat/completions", data=self._body(request, model, stream),
             headers=self._headers(account, stream), proxy=account.spec.proxy)
 
-    async def complete(self, account: Account, request: ChatRequest, model: str) -> Completion:
+    async def _read(self, sending: Any) -> bytes:
+        """The body of a 200 answer; anything else raised as its classified error."""
         try:
-            async with self._post(account, request, model, False) as response:
+            async with sending as response:
                 if response.status != 200:
                     raise await self._fail(response)
-                raw = await response.read()
+                return await response.read()
         except TRANSPORT_ERRORS as exc:
             raise Transient(f"Moonshot upstream unreachable: {type(exc).__name__}") from None
+
+    async def complete(self, account: Account, request: ChatRequest, model: str) -> Completion:
+        raw = await self._read(self._post(account, request, model, False))
         try:
             data = orjson.loads(raw)
             choice = data["choices"][0]
@@ -247,14 +251,8 @@ class MoonshotUpstream:
         account out of credit (``available_balance <= 0``) from one that can take requests."""
         url = f"{account.spec.effective_base_url()}/users/me/balance"
         headers = {"Authorization": f"Bearer {account.secret}", "Accept": "application/json"}
-        try:
-            async with self._session.get(url, headers=headers, proxy=account.spec.proxy,
-                                         timeout=PROBE_TIMEOUT) as response:
-                if response.status != 200:
-                    raise await self._fail(response)
-                raw = await response.read()
-        except TRANSPORT_ERRORS as exc:
-            raise Transient(f"Moonshot upstream unreachable: {type(exc).__name__}") from None
+        raw = await self._read(self._session.get(url, headers=headers, proxy=account.spec.proxy,
+                                                 timeout=PROBE_TIMEOUT))
         try:
             balance = float(orjson.loads(raw)["data"]["available_balance"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
