@@ -17,6 +17,7 @@ import typer
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.cli_models import models_app
 from app.cli_servers import emulate, serve
 from app.cli_sessions import sessions_app
 from app.cli_support import PROG, CliState
@@ -27,9 +28,10 @@ from app.cli_support import in_db as _in_db
 from app.clock import SystemClock
 from app.config import DEFAULT_DB_URL, Settings, load_accounts_toml, make_account_spec, mask_secret
 from app.errors import ConfigError, KimiPoolError
+from app.kimi_auth import TokenInfo, check_fresh, read_token
 from app.store.db import Database
 from app.store.models import AccountRow, ClientKeyRow
-from app.store.repository import AccountRepository, ClientKeyRepository
+from app.store.repository import AccountRepository, ClientKeyRepository, import_config
 
 OPERATOR_REASON = "disabled by operator"
 
@@ -43,6 +45,7 @@ app.add_typer(accounts_app)
 app.add_typer(keys_app)
 app.add_typer(db_app)
 app.add_typer(sessions_app)
+app.add_typer(models_app)
 app.command("serve")(serve)
 app.command("emulate")(emulate)
 
@@ -80,17 +83,29 @@ def accounts_add(
     concurrency: Annotated[int | None, typer.Option(help="Requests in flight at once.")] = None,
     weight: Annotated[float, typer.Option(help="Share of the traffic, relative to other accounts.")] = 1.0,
     proxy: Annotated[str | None, typer.Option(metavar="URL", help="http(s) proxy for upstream traffic.")] = None,
+    max_message_chars: Annotated[int | None, typer.Option(
+        min=1, help="kimi-ai-chat: cut the flattened conversation to this length, oldest turns first (1000).")]
+    = None,
+    keep_chats: Annotated[bool | None, typer.Option(
+        "--keep-chats/--delete-chats", help="kimi-web: keep the chats of one-off requests on kimi.com "
+        "(default: delete them).", show_default=False)] = None,
 ) -> None:
     """Add an account. Give secrets as env:VAR to keep them out of the database and shell history."""
     if api_key is not None and token is not None:
         raise ConfigError("give only one of --api-key and --token")
+    options = {k: v for k, v in (("max_message_chars", max_message_chars), ("keep_chats", keep_chats))
+               if v is not None}
     spec = make_account_spec(
         name=name, kind=kind, secret=api_key if api_key is not None else token, base_url=base_url,
         models=model or [], rpm=rpm, tpm=tpm, tpd=tpd, concurrency=concurrency, weight=weight,
-        proxy=proxy,
+        proxy=proxy, options=options,
     )
+    now = _state(ctx).clock.time()
+    expiry = ""
+    if spec.kind == "kimi-web" and spec.secret and not spec.secret.startswith("env:"):
+        expiry = f", token expires {check_fresh(spec.secret, now, spec.name).describe(now)}"
     _in_db(ctx, lambda session, now: AccountRepository(session).add(spec, now))
-    typer.echo(f"added account {spec.name} ({spec.kind})")
+    typer.echo(f"added account {spec.name} ({spec.kind}{expiry})")
 
 
 @accounts_app.command("list")
@@ -108,13 +123,14 @@ def accounts_list(
     if not views:
         typer.echo("no accounts yet: add one with 'kimi-pool accounts add' or 'accounts import'")
         return
-    table = Table("name", "kind", "state", "until", "reason", "models", "limits", "weight", "key")
+    table = Table("name", "kind", "state", "until", "reason", "models", "limits", "weight", "key", "expires")
     for view in views:
         limits = [f"{k}={view[k]}" for k in ("rpm", "tpm", "tpd", "concurrency") if view[k] is not None]
+        expires = view["token_expires"]
         table.add_row(
             view["name"], view["kind"], view["state"], _human_time(view["until"], now),
             view["reason"] or "-", ", ".join(view["models"]) or "default", " ".join(limits) or "-",
-            f"{view['weight']:g}", view["key"],
+            f"{view['weight']:g}", view["key"], "-" if expires is None else _token_expiry(expires, now),
         )
     _console().print(table)
 
@@ -151,15 +167,15 @@ def accounts_import(
                                          show_default=False)],
 ) -> None:
     """Create or update every account of an accounts.toml; accounts not in the file are left alone."""
-    specs = load_accounts_toml(path)
+    config = load_accounts_toml(path)
 
     async def upsert_all(session: AsyncSession, now: float) -> list[str]:
-        repo = AccountRepository(session)
-        return [await repo.upsert(spec, now) for spec in specs]
+        return list(await import_config(session, config, now))
 
     results = _in_db(ctx, upsert_all)
     counts = ", ".join(f"{results.count(what)} {what}" for what in ("created", "updated", "unchanged"))
-    typer.echo(f"imported {path}: {counts}")
+    aliases = f"; {len(config.aliases)} alias(es)" if config.aliases else ""
+    typer.echo(f"imported {path}: {counts}{aliases}")
 
 
 @accounts_app.command("check")
@@ -289,8 +305,24 @@ def _account_view(row: AccountRow) -> dict[str, Any]:
         "weight": row.weight,
         "proxy": _mask_url(row.proxy),
         "key": mask_secret(row.secret),
+        "token_expires": _token_expires(row),
+        "options": dict(row.options or {}),
         "config_rev": row.config_rev,
     }
+
+
+def _token_expires(row: AccountRow) -> float | None:
+    """When a kimi-web account's token lapses (None: another kind, or a token given as env:VAR)."""
+    if row.kind != "kimi-web" or not row.secret or row.secret.startswith("env:"):
+        return None
+    try:
+        return read_token(row.secret).expires_at
+    except ConfigError:
+        return None
+
+
+def _token_expiry(expires_at: float, now: float) -> str:
+    return TokenInfo("", expires_at, None).describe(now)
 
 
 def _key_view(row: ClientKeyRow) -> dict[str, Any]:

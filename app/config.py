@@ -18,6 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from app.errors import ConfigError
+from app.kimi_auth import read_token
 
 DEFAULT_DB_URL = "sqlite+aiosqlite:///./kimi-pool.db"
 ACCOUNT_KINDS = ("moonshot", "kimi-web", "kimi-ai-chat")
@@ -36,9 +37,11 @@ DEFAULT_MODELS = {
         "moonshot-v1-32k",
         "moonshot-v1-128k",
     ),
-    "kimi-web": ("kimi-k2.5", "kimi-k2.6"),
+    "kimi-web": ("kimi-k2", "kimi-k2.5", "kimi-k2.5-thinking", "kimi-k2.6", "kimi-k2.6-thinking"),
     "kimi-ai-chat": ("kimi-k2-instruct-0905", "kimi-k2-instruct"),
 }
+DEFAULT_CONCURRENCY = {"kimi-web": 1}
+"""kimi.com answers one reply at a time per user: one live stream per account unless configured."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
@@ -124,6 +127,9 @@ class AccountSpec:
     def effective_models(self) -> tuple[str, ...]:
         return self.models or DEFAULT_MODELS[self.kind]
 
+    def effective_concurrency(self) -> int | None:
+        return self.concurrency or DEFAULT_CONCURRENCY.get(self.kind)
+
 
 def validate_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
@@ -170,6 +176,7 @@ def make_account_spec(
     weight: Any = 1.0,
     proxy: str | None = None,
     enabled: bool = True,
+    options: Mapping[str, Any] | None = None,
 ) -> AccountSpec:
     """Validate operator input and build a spec; every problem is one ``ConfigError`` line."""
     validate_name(name)
@@ -182,6 +189,11 @@ def make_account_spec(
         raise ConfigError(f"account {name}: the secret must be a non-empty string without spaces around it")
     if secret and secret.startswith("env:") and not re.fullmatch(r"env:[A-Za-z_][A-Za-z0-9_]*", secret):
         raise ConfigError(f"account {name}: bad secret reference {secret!r} (expected env:VARIABLE)")
+    if kind == "kimi-web" and secret and not secret.startswith("env:"):
+        try:
+            read_token(secret)
+        except ConfigError as exc:
+            raise ConfigError(f"account {name}: {exc.message}") from None
     if base_url is not None:
         validate_url(base_url, f"base URL for account {name}")
     if proxy is not None:
@@ -203,7 +215,36 @@ def make_account_spec(
         tpm=validate_limit(f"account {name}: tpm", tpm),
         tpd=validate_limit(f"account {name}: tpd", tpd),
         concurrency=validate_limit(f"account {name}: concurrency", concurrency),
+        extra=validate_options(name, kind, options or {}),
     )
+
+
+OPTION_KEYS = {
+    "max_message_chars": ("kimi-ai-chat",),
+    "keep_chats": ("kimi-web",),
+}
+"""Options that only some kinds understand, kept in the spec's ``extra``:
+
+* ``max_message_chars`` (kimi-ai-chat): the flattened conversation is cut to this many characters,
+  oldest turns first (default 1000, the site's limit);
+* ``keep_chats`` (kimi-web): keep the kimi.com chats made for one-off requests (default: delete them).
+"""
+
+
+def validate_options(name: str, kind: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in options.items():
+        kinds = OPTION_KEYS.get(key)
+        if kinds is None:
+            raise ConfigError(f"account {name}: unknown option {key!r}")
+        if kind not in kinds:
+            raise ConfigError(f"account {name}: option {key} is for {'/'.join(kinds)} accounts, not {kind}")
+        if key == "max_message_chars":
+            validate_limit(f"account {name}: max_message_chars", value)
+        elif not isinstance(value, bool):
+            raise ConfigError(f"account {name}: {key} must be true or false")
+        out[key] = value
+    return out
 
 
 def resolve_secret(secret: str | None, env: Mapping[str, str] | None = None) -> str | None:
@@ -231,11 +272,43 @@ def mask_secret(secret: str | None) -> str:
 
 _TOML_KEYS = {
     "name", "kind", "api_key", "token", "secret", "base_url", "models", "rpm", "tpm", "tpd",
-    "concurrency", "weight", "proxy", "enabled",
+    "concurrency", "weight", "proxy", "enabled", *OPTION_KEYS,
 }
 
 
-def load_accounts_toml(path: Path) -> list[AccountSpec]:
+@dataclass(frozen=True, slots=True)
+class AliasSpec:
+    """A client-facing model name and, per account kind, the upstream model id that serves it."""
+
+    name: str
+    targets: Mapping[str, str]
+
+
+def make_alias(name: Any, targets: Any) -> AliasSpec:
+    """Validate an alias; an empty ``targets`` is allowed (it hides a built-in alias)."""
+    if not isinstance(name, str) or not _MODEL.match(name):
+        raise ConfigError(f"bad alias name {name!r}: use letters, digits and . _ : / - (max 128)")
+    if not isinstance(targets, Mapping):
+        raise ConfigError(f"alias {name}: expected a table of kind = \"upstream model\"")
+    unknown = set(targets) - set(ACCOUNT_KINDS)
+    if unknown:
+        raise ConfigError(f"alias {name}: unknown account kind(s) {', '.join(sorted(map(str, unknown)))} "
+                          f"(one of {', '.join(ACCOUNT_KINDS)})")
+    for kind, model in targets.items():
+        if not isinstance(model, str) or not _MODEL.match(model):
+            raise ConfigError(f"alias {name}: bad {kind} model id {model!r}")
+    return AliasSpec(name, dict(sorted(targets.items())))
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigFile:
+    """What an ``accounts.toml`` holds: accounts and model aliases."""
+
+    accounts: list[AccountSpec]
+    aliases: list[AliasSpec]
+
+
+def load_accounts_toml(path: Path) -> ConfigFile:
     """Parse an ``accounts.toml``; raise ``ConfigError`` with the file and the problem on one line."""
     try:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
@@ -248,7 +321,7 @@ def load_accounts_toml(path: Path) -> list[AccountSpec]:
     tables = data.get("accounts", [])
     if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
         raise ConfigError(f"{path}: 'accounts' must be an array of tables ([[accounts]])")
-    unknown_top = set(data) - {"accounts"}
+    unknown_top = set(data) - {"accounts", "aliases"}
     if unknown_top:
         raise ConfigError(f"{path}: unknown top-level key(s): {', '.join(sorted(unknown_top))}")
     specs: list[AccountSpec] = []
@@ -277,6 +350,7 @@ def load_accounts_toml(path: Path) -> list[AccountSpec]:
                 weight=table.get("weight", 1.0),
                 proxy=table.get("proxy"),
                 enabled=table.get("enabled", True),
+                options={k: table[k] for k in OPTION_KEYS if k in table},
             )
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc.message}") from None
@@ -284,4 +358,11 @@ def load_accounts_toml(path: Path) -> list[AccountSpec]:
             raise ConfigError(f"{path}: duplicate account name {spec.name!r}")
         seen.add(spec.name)
         specs.append(spec)
-    return specs
+    aliases = data.get("aliases", {})
+    if not isinstance(aliases, dict):
+        raise ConfigError(f"{path}: 'aliases' must be a table ([aliases] or [aliases.NAME])")
+    try:
+        alias_specs = [make_alias(name, targets) for name, targets in aliases.items()]
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc.message}") from None
+    return ConfigFile(specs, alias_specs)

@@ -23,13 +23,15 @@ from app.errors import (
     QuotaExhausted,
     RateLimited,
     Transient,
+    Unsuitable,
     UpstreamError,
 )
+from app.pool.account import Account
 from app.pool.admission import Admission
 from app.pool.scheduler import Lease, Pool
-from app.pool.sessions import SessionTable
+from app.pool.sessions import Binding, SessionTable
 from app.store.records import UsageRecord
-from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Usage
+from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Thread, Usage
 from app.upstreams.registry import Registry
 
 
@@ -49,6 +51,8 @@ class RequestContext:
     account: str | None = None
     attempts: int = 0
     waited: bool = False
+    binding: Binding | None = None
+    """The session's binding once a lease was taken (None: a one-off request)."""
 
 
 class Dispatcher:
@@ -90,15 +94,18 @@ class Dispatcher:
         if ctx.session:
             name = lease.account.name
             if binding is None or binding.account != name:
-                self._sessions.bind(ctx.session, name, self._clock.time())  # new, or the session moves
+                binding = self._sessions.bind(ctx.session, name, self._clock.time())  # new, or the session moves
             else:
                 self._sessions.touch(binding, self._clock.time())
+            ctx.binding = binding
         ctx.attempts += 1
         ctx.account = lease.account.name
         tried.add(lease.account.name)
         return lease
 
     def _no_account(self, model: str, last: UpstreamError | None) -> KimiPoolError:
+        if isinstance(last, Unsuitable):
+            return last  # the request itself is the problem, not the pool
         wait = self._pool.next_free_in(model)
         why = f" Last upstream error: {last.message}" if last is not None else ""
         if wait is None:
@@ -107,6 +114,23 @@ class Dispatcher:
             return PoolBusy(f"Every account serving '{model}' is busy or rate-limited; retry later.{why}",
                             retry_after=max(1.0, wait))
         return PoolUnavailable(f"Every account serving '{model}' failed.{why}", retry_after=max(1.0, wait))
+
+    @staticmethod
+    def _thread(ctx: RequestContext, account: Account) -> Thread:
+        """The upstream chat this request continues: the binding's, if this account holds it."""
+        binding = ctx.binding
+        if binding is not None and binding.account == account.name and binding.chat_id:
+            return Thread(binding.chat_id, binding.parent_id, binding.turns, keep=True)
+        return Thread(keep=binding is not None)
+
+    def _keep_thread(self, ctx: RequestContext, thread: Thread) -> None:
+        """Remember in the session where its upstream chat now stands."""
+        binding = ctx.binding
+        if binding is None or thread.chat_id is None:
+            return
+        if (binding.chat_id, binding.parent_id, binding.turns) != (thread.chat_id, thread.parent_id, thread.turns):
+            self._sessions.set_upstream(binding, thread.chat_id, thread.parent_id, self._clock.time(),
+                                        turns=thread.turns)
 
     def _failed(self, lease: Lease, error: UpstreamError, deadline: float) -> None:
         self._pool.report(lease.account, error)  # first, so whoever the release wakes sees the new state
@@ -125,8 +149,10 @@ class Dispatcher:
             while True:
                 lease = await self._lease(request, tried, last, ctx)
                 account = lease.account
+                thread = self._thread(ctx, account)
                 try:
-                    completion = await self._registry.get(account.kind).complete(account, request, request.model)
+                    completion = await self._registry.get(account.kind).complete(
+                        account, request, account.upstream_models[request.model], thread)
                 except UpstreamError as error:
                     self._failed(lease, error, deadline)
                     last = error
@@ -138,6 +164,7 @@ class Dispatcher:
                                                   len(completion.content or "") // 4)
                 lease.release(usage.total_tokens)
                 self._pool.succeeded(account)
+                self._keep_thread(ctx, thread)
                 completion.usage = usage
                 return completion
         except KimiPoolError as error:
@@ -164,7 +191,9 @@ class Dispatcher:
             while True:
                 lease = await self._lease(request, tried, last, ctx)
                 account = lease.account
-                events = self._registry.get(account.kind).stream(account, request, request.model)
+                thread = self._thread(ctx, account)
+                events = self._registry.get(account.kind).stream(
+                    account, request, account.upstream_models[request.model], thread)
                 try:
                     first = await anext(events)
                 except StopAsyncIteration:
@@ -195,6 +224,7 @@ class Dispatcher:
                 usage = Usage(estimate_tokens(request.messages), chars // 4)
                 yield [usage]
             self._pool.succeeded(account)
+            self._keep_thread(ctx, thread)
         except KimiPoolError as error:
             status, outcome = error.status, error.code or error.type
             if lease is not None and isinstance(error, UpstreamError):

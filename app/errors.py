@@ -189,6 +189,15 @@ class UpstreamBadRequest(UpstreamError):
         self.code = code
 
 
+class Unsuitable(UpstreamError):
+    """This account cannot take this request (e.g. it is longer than the upstream accepts), through no
+    fault of its own: another account may. If none can, the client gets this error."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "context_length_exceeded"
+
+
 class Transient(UpstreamError):
     """5xx, network failure, timeout or a truncated stream."""
 

@@ -36,7 +36,7 @@ from app.pool.admission import Admission
 from app.pool.scheduler import Pool
 from app.pool.sessions import SessionTable
 from app.store.db import Database
-from app.store.repository import AccountRepository, SessionRepository
+from app.store.repository import SessionRepository, import_config
 from app.store.writer import WriteBehind
 from app.sync import AccountSync
 from app.upstreams.http import create_session
@@ -55,12 +55,11 @@ async def healthz(request: Request) -> Response:
 
 async def import_accounts(db: Database, settings: Settings, clock: Clock) -> None:
     assert settings.accounts_file is not None
-    specs = load_accounts_toml(settings.accounts_file)
+    config = load_accounts_toml(settings.accounts_file)
     async with db.session() as session, session.begin():
-        repo = AccountRepository(session)
-        for spec in specs:
-            await repo.upsert(spec, clock.time())
-    log.info("imported %d account(s) from %s", len(specs), settings.accounts_file)
+        await import_config(session, config, clock.time())
+    log.info("imported %d account(s) and %d alias(es) from %s", len(config.accounts), len(config.aliases),
+             settings.accounts_file)
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None,

@@ -11,29 +11,35 @@ import asyncio
 import logging
 
 from app.api.auth import Authenticator
+from app.catalogue import Catalogue
 from app.clock import Clock
 from app.config import resolve_secret
 from app.errors import ConfigError
+from app.kimi_auth import check_fresh, read_token
 from app.pool.account import Account, State
 from app.pool.scheduler import Pool
 from app.store.db import Database
 from app.store.models import AccountRow
-from app.store.repository import AccountRepository, ClientKeyRepository
+from app.store.repository import AccountRepository, AliasRepository, ClientKeyRepository
 
 log = logging.getLogger("kimi_pool.sync")
 
 
-def account_from_row(row: AccountRow) -> Account:
+def account_from_row(row: AccountRow, catalogue: Catalogue | None = None, now: float | None = None) -> Account:
+    """The pool's view of a stored account. A secret that cannot be resolved, or a kimi-web token
+    that has lapsed (at ``now``), makes it ``auth_dead`` with the reason."""
     spec = AccountRepository.to_spec(row)
     state, reason = State(row.state), row.state_reason
     try:
         secret = resolve_secret(spec.secret)
+        if spec.kind == "kimi-web" and secret is not None and now is not None:
+            check_fresh(secret, now, spec.name)
     except ConfigError as exc:
         secret, state, reason = None, State.AUTH_DEAD, exc.message
     if not row.enabled:
         state, reason = State.DISABLED, row.disabled_reason
     until = row.state_until if state in (State.COOLING_DOWN, State.QUOTA_EXHAUSTED) else None
-    return Account(spec, secret, rev=row.config_rev, state=state, until=until, reason=reason)
+    return Account(spec, secret, rev=row.config_rev, state=state, until=until, reason=reason, catalogue=catalogue)
 
 
 class AccountSync:
@@ -47,6 +53,8 @@ class AccountSync:
         self._clock = clock
         self._generation = 0
         self._loaded = asyncio.Condition()
+        self._catalogue: Catalogue | None = None
+        self._warned: dict[str, float] = {}  # account → the token expiry it was warned about
 
     @property
     def generation(self) -> int:
@@ -57,6 +65,12 @@ class AccountSync:
         async with self._db.session() as session:
             rows = await AccountRepository(session).list()
             hashes = await ClientKeyRepository(session).active_hashes()
+            catalogue = Catalogue.with_overrides(await AliasRepository(session).list())
+        rebuild = catalogue != self._catalogue
+        if rebuild and self._catalogue is not None:
+            log.info("model aliases changed: %s", ", ".join(sorted(catalogue.aliases)) or "none")
+        self._catalogue = catalogue
+        now = self._clock.time()
         seen = set()
         for row in rows:
             if row.kind not in self._kinds:
@@ -67,9 +81,11 @@ class AccountSync:
                 continue
             seen.add(row.name)
             current = self._pool.accounts.get(row.name)
-            if current is None or current.rev != row.config_rev:
-                self._pool.put(account_from_row(row))
+            if current is None or current.rev != row.config_rev or rebuild:
+                self._pool.put(account_from_row(row, catalogue, now))
                 log.info("account %s loaded (rev %d)", row.name, row.config_rev)
+            if row.kind == "kimi-web":
+                self._warn_lapsing(row, now)
         for name in set(self._pool.accounts) - seen:
             self._pool.remove(name)
             log.info("account %s removed", name)
@@ -77,6 +93,18 @@ class AccountSync:
         async with self._loaded:
             self._generation += 1
             self._loaded.notify_all()
+
+    def _warn_lapsing(self, row: AccountRow, now: float) -> None:
+        """Log once per token when a kimi-web login is about to lapse (there is no refresh flow)."""
+        try:
+            info = read_token(resolve_secret(row.secret) or "")
+        except ConfigError:
+            return
+        if info.lapses_soon(now) and self._warned.get(row.name) != info.expires_at:
+            self._warned[row.name] = info.expires_at
+            log.warning("account %s: its kimi.com login token %s; log in again and update it "
+                        "(kimi-pool accounts add/import)", row.name,
+                        "has expired" if info.expired(now) else f"expires {info.describe(now)}")
 
     async def wait_generation(self, generation: int) -> None:
         """Return once the pool has been reloaded at least ``generation`` times."""

@@ -247,15 +247,6 @@ async def test_unknown_names_fail_before_anything_is_sent(tmp_path: Path) -> Non
         assert env.tap.seen == []
 
 
-async def test_kinds_without_an_adapter_are_skipped(tmp_path: Path) -> None:
-    async with environment(tmp_path) as env:
-        await env.add("web", "eyJ.a.b", kind="kimi-web")
-        [result] = (await env.probe()).values()
-        assert (result.before, result.after, result.outcome) == ("active", "active", "skipped")
-        assert "no adapter for kind kimi-web" in result.detail
-        assert env.tap.seen == []
-
-
 async def test_secret_references_are_resolved_and_never_shown(tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("KP_PROBE_KEY", GOOD)

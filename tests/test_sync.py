@@ -48,13 +48,3 @@ async def test_added_and_removed_accounts_join_and_leave_the_pool(tmp_path: Path
         await reload(stack)
         models = {m.id for m in (await stack.client().models.list()).data}
         assert "kimi-k2-turbo-preview" not in models
-
-
-async def test_an_account_of_a_kind_this_build_cannot_serve_is_left_out(tmp_path: Path) -> None:
-    async with run_stack(tmp_path) as stack:
-        code = await cli(stack.db_url, "accounts", "add", "web-1", "--kind", "kimi-web", "--token", "eyJ.a.b")
-        assert code == 0
-        await reload(stack)
-        assert "web-1" not in stack.gateway.pool.accounts
-        completion = await stack.client().chat.completions.create(model=MODEL, messages=HELLO)
-        assert completion.choices[0].message.content

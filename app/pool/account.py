@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from app.catalogue import Catalogue
 from app.config import AccountSpec
 from app.pool.limits import Limits
 
@@ -40,7 +41,7 @@ class Account:
 
     __slots__ = (
         "in_flight", "kind", "limits", "models", "name", "reason", "rev", "secret", "spec", "state",
-        "streak", "until", "weight",
+        "streak", "until", "upstream_models", "weight",
     )
 
     def __init__(
@@ -52,12 +53,15 @@ class Account:
         state: State = State.ACTIVE,
         until: float | None = None,
         reason: str | None = None,
+        catalogue: Catalogue | None = None,
     ) -> None:
         self.spec = spec
         self.secret = secret
         self.name = spec.name
         self.kind = spec.kind
-        self.models = frozenset(spec.effective_models())
+        self.upstream_models = (catalogue or Catalogue()).served_by(spec)
+        """Every model name this account answers to (aliases included) → the upstream's id for it."""
+        self.models = frozenset(self.upstream_models)
         self.weight = spec.weight
         self.limits = Limits(spec)
         self.rev = rev

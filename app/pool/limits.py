@@ -140,7 +140,7 @@ class Limits:
 
     def __init__(self, spec: AccountSpec) -> None:
         self.configured: dict[str, int | None] = {
-            "concurrency": spec.concurrency, "rpm": spec.rpm, "tpm": spec.tpm, "tpd": spec.tpd}
+            "concurrency": spec.effective_concurrency(), "rpm": spec.rpm, "tpm": spec.tpm, "tpd": spec.tpd}
         self.effective = dict(self.configured)
         self._learned_at: dict[str, float] = {}
         self.rpm = Window(MINUTE)

@@ -84,6 +84,8 @@ class Binding:
     """The upstream's conversation id (web upstreams), valid on ``account`` only."""
     parent_id: str | None = None
     """The upstream's id of the last message, which the next turn continues from."""
+    turns: int = 0
+    """How many of the conversation's messages (the answer included) the upstream chat holds."""
     last_used: float
     expires_at: float
 
@@ -138,6 +140,7 @@ class SessionTable:
                 self._unindex(binding)
                 binding.account = account
                 binding.chat_id = binding.parent_id = None
+                binding.turns = 0
                 self._by_account.setdefault(account, {})[key] = binding
             binding.last_used = now
             binding.expires_at = now + self._ttl
@@ -157,7 +160,8 @@ class SessionTable:
             self._announce(binding, now)
         return True
 
-    def set_upstream(self, binding: Binding, chat_id: str | None, parent_id: str | None, now: float) -> bool:
+    def set_upstream(self, binding: Binding, chat_id: str | None, parent_id: str | None, now: float, *,
+                     turns: int = 0) -> bool:
         """Record the upstream conversation and its last message; refreshes the TTL and announces it.
 
         False (and nothing done) if the binding is no longer the table's, e.g. dropped meanwhile.
@@ -166,6 +170,7 @@ class SessionTable:
             return False
         binding.chat_id = chat_id
         binding.parent_id = parent_id
+        binding.turns = turns
         binding.last_used = now
         binding.expires_at = now + self._ttl
         self._announce(binding, now)

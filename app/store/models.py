@@ -99,5 +99,17 @@ class SessionRow(Base):
     account: Mapped[str] = mapped_column(String(64))
     chat_id: Mapped[str | None] = mapped_column(Text)
     parent_id: Mapped[str | None] = mapped_column(Text)
+    turns: Mapped[int | None] = mapped_column(Integer, default=0)
     last_used: Mapped[float] = mapped_column(Float)
     expires_at: Mapped[float] = mapped_column(Float)
+
+
+class ModelAliasRow(Base):
+    """An operator's model alias (``app.catalogue``): name → account kind → upstream model id.
+    Empty ``targets`` hides a built-in alias of that name."""
+
+    __tablename__ = "model_aliases"
+
+    name: Mapped[str] = mapped_column(String(128), primary_key=True)
+    targets: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
+    updated_at: Mapped[float] = mapped_column(Float)

@@ -19,10 +19,11 @@ from sqlalchemy import CursorResult, Table, case, delete, func, insert, or_, sel
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.config import AccountSpec
+from app.config import AccountSpec, AliasSpec, ConfigFile
 from app.errors import ConfigError
+from app.kimi_auth import check_fresh
 from app.pool.sessions import Binding
-from app.store.models import AccountRow, ClientKeyRow, HealthEventRow, SessionRow, UsageRow
+from app.store.models import AccountRow, ClientKeyRow, HealthEventRow, ModelAliasRow, SessionRow, UsageRow
 from app.store.records import StateChange, UsageRecord, UsageTotals
 
 KEY_PREFIX = "kp-"
@@ -173,6 +174,51 @@ def _touch(row: AccountRow, now: float) -> None:
     row.updated_at = now
 
 
+async def import_config(session: AsyncSession, config: ConfigFile, now: float) -> list[UpsertResult]:
+    """Create or update every account and alias of an ``accounts.toml``; what happened to each account.
+
+    A kimi-web token that has already lapsed is refused here, when the clock is known."""
+    for spec in config.accounts:
+        if spec.kind == "kimi-web" and spec.secret and not spec.secret.startswith("env:"):
+            check_fresh(spec.secret, now, spec.name)
+    accounts = AccountRepository(session)
+    results = [await accounts.upsert(spec, now) for spec in config.accounts]
+    aliases = AliasRepository(session)
+    for alias in config.aliases:
+        await aliases.put(alias, now)
+    return results
+
+
+class AliasRepository:
+    """The operator's model aliases (``app.catalogue`` merges them over the built-in ones)."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def list(self) -> list[AliasSpec]:
+        rows = await self._session.scalars(select(ModelAliasRow).order_by(ModelAliasRow.name))
+        return [AliasSpec(row.name, dict(row.targets or {})) for row in rows]
+
+    async def put(self, alias: AliasSpec, now: float) -> UpsertResult:
+        row = await self._session.get(ModelAliasRow, alias.name)
+        targets = dict(alias.targets)
+        if row is None:
+            self._session.add(ModelAliasRow(name=alias.name, targets=targets, updated_at=now))
+            result: UpsertResult = "created"
+        elif dict(row.targets or {}) == targets:
+            return "unchanged"
+        else:
+            row.targets, row.updated_at = targets, now
+            result = "updated"
+        await self._session.flush()
+        return result
+
+    async def remove(self, name: str) -> bool:
+        result = await self._session.execute(
+            delete(ModelAliasRow).where(ModelAliasRow.name == name).execution_options(synchronize_session=False))
+        return bool(cast(CursorResult[Any], result).rowcount)
+
+
 class ClientKeyRepository:
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
@@ -283,12 +329,13 @@ class HealthRepository:
 
 
 _SESSION_TABLE = cast(Table, SessionRow.__table__)
-_SESSION_VALUES = ("account", "chat_id", "parent_id", "last_used", "expires_at")
+_SESSION_VALUES = ("account", "chat_id", "parent_id", "turns", "last_used", "expires_at")
 
 
 def _session_params(binding: Binding) -> dict[str, Any]:
     return {"key": binding.key, "account": binding.account, "chat_id": binding.chat_id,
-            "parent_id": binding.parent_id, "last_used": binding.last_used, "expires_at": binding.expires_at}
+            "parent_id": binding.parent_id, "turns": binding.turns, "last_used": binding.last_used,
+            "expires_at": binding.expires_at}
 
 
 class SessionRepository:
@@ -302,7 +349,7 @@ class SessionRepository:
         rows = await self._session.scalars(
             select(SessionRow).where(SessionRow.expires_at > now).order_by(SessionRow.last_used, SessionRow.key)
         )
-        return [Binding(key=r.key, account=r.account, chat_id=r.chat_id, parent_id=r.parent_id,
+        return [Binding(key=r.key, account=r.account, chat_id=r.chat_id, parent_id=r.parent_id, turns=r.turns or 0,
                         last_used=r.last_used, expires_at=r.expires_at) for r in rows]
 
     async def upsert_many(self, bindings: Sequence[Binding]) -> None:

@@ -30,6 +30,28 @@ class ChatRequest:
 
 
 @dataclass(slots=True)
+class Thread:
+    """The upstream conversation a request continues or starts, for upstreams that keep chats
+    (kimi-web, PROTOCOLS.md §3.3). Adapters of stateless upstreams ignore it.
+
+    The dispatcher fills it from the session's binding when the request is served by the account
+    that holds the chat; the adapter continues that chat when the request's messages extend what
+    it holds (``turns``), else it starts a new chat and replays the conversation into it. On
+    success the adapter leaves the chat's id, its last message id and the new ``turns`` here, and
+    the dispatcher stores them in the binding.
+    """
+
+    chat_id: str | None = None
+    parent_id: str | None = None
+    """The upstream id of the chat's last message (the assistant's answer)."""
+    turns: int = 0
+    """How many of the conversation's messages the chat holds (the answer included)."""
+    keep: bool = False
+    """The conversation belongs to a session: keep its chat. Otherwise it is one-off and its chat may
+    be deleted once answered."""
+
+
+@dataclass(slots=True)
 class Delta:
     content: str | None = None
     reasoning: str | None = None
@@ -84,7 +106,8 @@ class Upstream(Protocol):
 
     kind: str
 
-    def stream(self, account: Account, request: ChatRequest, model: str) -> AsyncIterator[Batch]:
+    def stream(self, account: Account, request: ChatRequest, model: str,
+               thread: Thread | None = None) -> AsyncIterator[Batch]:
         """Yield the answer as non-empty batches of neutral events; ``model`` is the upstream's id.
 
         The iterator ends normally only after the protocol's end marker was seen; a ``Finish``
@@ -92,7 +115,8 @@ class Upstream(Protocol):
         """
         ...
 
-    async def complete(self, account: Account, request: ChatRequest, model: str) -> Completion: ...
+    async def complete(self, account: Account, request: ChatRequest, model: str,
+                       thread: Thread | None = None) -> Completion: ...
 
     async def probe(self, account: Account) -> None:
         """Check, with one request that spends nothing, that the credential works and the account

@@ -24,7 +24,7 @@ from app.errors import (
     UpstreamOverloaded,
 )
 from app.pool.account import Account
-from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Finish, Usage
+from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Finish, Thread, Usage
 from app.upstreams.http import TRANSPORT_ERRORS
 
 PASSTHROUGH = (
@@ -174,7 +174,8 @@ class MoonshotUpstream:
         except TRANSPORT_ERRORS as exc:
             raise Transient(f"Moonshot upstream unreachable: {type(exc).__name__}") from None
 
-    async def complete(self, account: Account, request: ChatRequest, model: str) -> Completion:
+    async def complete(self, account: Account, request: ChatRequest, model: str,
+                       thread: Thread | None = None) -> Completion:
         raw = await self._read(self._post(account, request, model, False))
         try:
             data = orjson.loads(raw)
@@ -190,7 +191,8 @@ class MoonshotUpstream:
         except (orjson.JSONDecodeError, KeyError, IndexError, TypeError, AttributeError):
             raise Transient("Moonshot answered with a malformed completion body") from None
 
-    async def stream(self, account: Account, request: ChatRequest, model: str) -> AsyncIterator[Batch]:
+    async def stream(self, account: Account, request: ChatRequest, model: str,
+                     thread: Thread | None = None) -> AsyncIterator[Batch]:
         finished = False
         pending = b""
         try:

@@ -1,0 +1,91 @@
+"""``kimi-pool models``: the model catalogue — which names clients may ask for, and who serves them."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.catalogue import BUILTIN_ALIASES, Catalogue
+from app.cli_support import console as _console
+from app.cli_support import in_db as _in_db
+from app.config import ACCOUNT_KINDS, make_alias
+from app.errors import ConfigError
+from app.store.repository import AccountRepository, AliasRepository
+
+models_app = typer.Typer(name="models", no_args_is_help=True,
+                         help="The model catalogue: aliases served by accounts of every kind.")
+
+
+@models_app.command("list")
+def models_list(
+    ctx: typer.Context,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+) -> None:
+    """Every model name clients may ask for, with the accounts that serve it and under which upstream id."""
+
+    async def read(session: AsyncSession, _now: float) -> list[dict[str, Any]]:
+        catalogue = Catalogue.with_overrides(await AliasRepository(session).list())
+        served: dict[str, list[str]] = {}
+        for row in await AccountRepository(session).list():
+            spec = AccountRepository.to_spec(row)
+            for model, upstream in catalogue.served_by(spec).items():
+                served.setdefault(model, []).append(row.name if upstream == model else f"{row.name} as {upstream}")
+        names = sorted(set(served) | set(catalogue.aliases))
+        return [{"model": name, "alias": dict(catalogue.aliases.get(name, {})) or None,
+                 "accounts": served.get(name, [])} for name in names]
+
+    views = _in_db(ctx, read)
+    if as_json:
+        typer.echo(json.dumps(views, indent=2, ensure_ascii=False))
+        return
+    table = Table("model", "alias of", "served by")
+    for view in views:
+        alias = view["alias"]
+        targets = ", ".join(f"{kind}: {model}" for kind, model in alias.items()) if alias else "-"
+        table.add_row(view["model"], targets, ", ".join(view["accounts"]) or "no account yet")
+    _console().print(table)
+
+
+@models_app.command("alias")
+def models_alias(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The model name clients will ask for.", show_default=False)],
+    moonshot: Annotated[str | None, typer.Option(metavar="ID", help="Served by moonshot accounts as ID.")] = None,
+    kimi_web: Annotated[str | None, typer.Option(
+        metavar="ID", help="Served by kimi-web accounts as ID (kimi-k2, kimi-k2.5[-thinking], kimi-k2.6[-thinking]).")]
+    = None,
+    kimi_ai_chat: Annotated[str | None, typer.Option(
+        metavar="ID", help="Served by kimi-ai-chat accounts as ID (kimi-k2-instruct-0905, kimi-k2-instruct).")]
+    = None,
+) -> None:
+    """Create or replace an alias. The running server picks it up within seconds."""
+    targets = {kind: model for kind, model in zip(ACCOUNT_KINDS, (moonshot, kimi_web, kimi_ai_chat), strict=True)
+               if model is not None}
+    if not targets:
+        raise ConfigError("give at least one of --moonshot, --kimi-web, --kimi-ai-chat")
+    alias = make_alias(name, targets)
+    result = _in_db(ctx, lambda session, now: AliasRepository(session).put(alias, now))
+    typer.echo(f"alias {name} {result}: " + ", ".join(f"{kind} as {model}" for kind, model in alias.targets.items()))
+
+
+@models_app.command("unalias")
+def models_unalias(
+    ctx: typer.Context,
+    name: Annotated[str, typer.Argument(help="The alias to remove.", show_default=False)],
+) -> None:
+    """Remove an alias (a built-in one is hidden)."""
+
+    async def remove(session: AsyncSession, now: float) -> bool:
+        repo = AliasRepository(session)
+        if name in BUILTIN_ALIASES:
+            await repo.put(make_alias(name, {}), now)
+            return True
+        return await repo.remove(name)
+
+    if not _in_db(ctx, remove):
+        raise ConfigError(f"no alias named {name}")
+    typer.echo(f"removed alias {name}")
