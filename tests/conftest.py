@@ -19,7 +19,8 @@ async def serve(app: ASGIApp) -> AsyncIterator[str]:
     connect at once: the kernel queues the connection until uvicorn (after lifespan startup)
     accepts it. Nothing polls or sleeps.
     """
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets that say so (else ~40 ms per request)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
@@ -46,7 +47,7 @@ import httpx  # noqa: E402
 import openai  # noqa: E402
 
 from app.api.front import FrontDoor  # noqa: E402
-from app.api.state import Gateway  # noqa: E402
+from app.api.state import Gateway as GatewayState  # noqa: E402
 from app.clock import ManualClock  # noqa: E402
 from app.config import Settings  # noqa: E402
 from app.emulator.moonshot import MoonshotEmulator, MoonshotEmulatorConfig, create_moonshot_emulator  # noqa: E402
@@ -67,7 +68,7 @@ class Stack:
     clients: list[openai.AsyncOpenAI] = dataclasses.field(default_factory=list)
 
     @property
-    def gateway(self) -> Gateway:
+    def gateway(self) -> GatewayState:
         return self.app.state.gateway  # type: ignore[no-any-return]
 
     def client(self, api_key: str = MASTER_KEY, **kw: Any) -> openai.AsyncOpenAI:
@@ -89,6 +90,46 @@ def accounts_toml(emulator_url: str, keys: list[str], **extra: Any) -> str:
     return "\n".join(lines)
 
 
+@dataclasses.dataclass
+class Gateway:
+    """kimi-pool under uvicorn, configured from an accounts.toml: for stacks of any upstream kinds."""
+
+    url: str
+    app: FrontDoor
+    clock: ManualClock
+    db_url: str
+    clients: list[openai.AsyncOpenAI] = dataclasses.field(default_factory=list)
+
+    @property
+    def gateway(self) -> GatewayState:
+        return self.app.state.gateway  # type: ignore[no-any-return]
+
+    def client(self, api_key: str = MASTER_KEY, **kw: Any) -> openai.AsyncOpenAI:
+        client = openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, **kw)
+        self.clients.append(client)
+        return client
+
+
+@contextlib.asynccontextmanager
+async def run_gateway(tmp_path: Path, accounts: str, *, clock: ManualClock,
+                      settings: dict[str, Any] | None = None) -> AsyncIterator[Gateway]:
+    """kimi-pool with the accounts (and aliases) of the TOML text ``accounts``; lifespan has run."""
+    toml = tmp_path / "accounts.toml"
+    toml.write_text(accounts)
+    db_url = f"sqlite+aiosqlite:///{tmp_path}/kimi-pool.db"
+    base = {"db_url": db_url, "master_key": MASTER_KEY, "accounts_file": toml}
+    app = create_app(Settings(**{**base, **(settings or {})}), clock=clock)
+    async with serve(app) as url:
+        async with httpx.AsyncClient() as http:
+            (await http.get(url + "/healthz")).raise_for_status()
+        gateway = Gateway(url, app, clock, db_url)
+        try:
+            yield gateway
+        finally:
+            for client in gateway.clients:
+                await client.close()
+
+
 @contextlib.asynccontextmanager
 async def run_stack(tmp_path: Path, *, keys: list[str] | None = None,
                     emulator: MoonshotEmulatorConfig | None = None, clock: ManualClock | None = None,
@@ -99,20 +140,11 @@ async def run_stack(tmp_path: Path, *, keys: list[str] | None = None,
     config = emulator or MoonshotEmulatorConfig.simple(keys=3)
     emulator_app = create_moonshot_emulator(config, clock=clock)
     async with serve(emulator_app) as emulator_url:
-        toml = tmp_path / "accounts.toml"
-        toml.write_text(accounts_toml(emulator_url, keys or sorted(config.keys), **(account_extra or {})))
-        db_url = f"sqlite+aiosqlite:///{tmp_path}/kimi-pool.db"
-        base = {"db_url": db_url, "master_key": MASTER_KEY, "accounts_file": toml}
-        app = create_app(Settings(**{**base, **(settings or {})}), clock=clock)
-        async with serve(app) as url:
-            async with httpx.AsyncClient() as http:
-                (await http.get(url + "/healthz")).raise_for_status()  # lifespan has run
-            stack = Stack(url, emulator_url, app, emulator_app.state.emulator, clock, db_url, tmp_path)
-            try:
-                yield stack
-            finally:
-                for client in stack.clients:
-                    await client.close()
+        toml = accounts_toml(emulator_url, keys or sorted(config.keys), **(account_extra or {}))
+        async with run_gateway(tmp_path, toml, clock=clock, settings=settings) as gateway:
+            stack = Stack(gateway.url, emulator_url, gateway.app, emulator_app.state.emulator, clock,
+                          gateway.db_url, tmp_path, gateway.clients)
+            yield stack
 
 
 async def reload(stack: Stack) -> None:

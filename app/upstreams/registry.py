@@ -7,6 +7,8 @@ import aiohttp
 from app.clock import Clock
 from app.errors import ConfigError
 from app.upstreams.base import Upstream
+from app.upstreams.kimi_ai_chat import KimiAiChatUpstream
+from app.upstreams.kimi_web import KimiWebUpstream
 from app.upstreams.moonshot import MoonshotUpstream
 
 
@@ -16,7 +18,11 @@ class Registry:
 
     @classmethod
     def default(cls, session: aiohttp.ClientSession, clock: Clock) -> Registry:
-        return cls({"moonshot": MoonshotUpstream(session, clock)})
+        return cls({
+            "moonshot": MoonshotUpstream(session, clock),
+            "kimi-web": KimiWebUpstream(session, clock),
+            "kimi-ai-chat": KimiAiChatUpstream(session, clock),
+        })
 
     def get(self, kind: str) -> Upstream:
         try:
