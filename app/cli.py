@@ -18,7 +18,7 @@ from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.cli_models import models_app
-from app.cli_servers import emulate, serve
+from app.cli_servers import emulate_app, serve
 from app.cli_sessions import sessions_app
 from app.cli_support import PROG, CliState
 from app.cli_support import cli_state as _state
@@ -46,8 +46,8 @@ app.add_typer(keys_app)
 app.add_typer(db_app)
 app.add_typer(sessions_app)
 app.add_typer(models_app)
+app.add_typer(emulate_app)
 app.command("serve")(serve)
-app.command("emulate")(emulate)
 
 
 @app.callback()

@@ -39,10 +39,30 @@ def serve(
     serve_gateway(settings)
 
 
-def emulate(
-    kind: Annotated[str, typer.Argument(help="Which upstream to emulate: moonshot.", show_default=False)],
-    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")] = 9001,
+emulate_app = typer.Typer(name="emulate", no_args_is_help=True,
+                          help="Serve a faithful offline stand-in for an upstream (PROTOCOLS.md), with control "
+                               "routes under /__fake/.")
+
+Host = Annotated[str, typer.Option(help="Address to listen on.")]
+Port = Annotated[int, typer.Option(min=1, max=65535, help="Port to listen on.")]
+AccountsOut = Annotated[Path | None, typer.Option(
+    metavar="FILE", help="Write an accounts.toml for kimi-pool that points at this emulator.")]
+
+
+def _write_accounts(path: Path | None, text: str) -> None:
+    if path is None:
+        return
+    try:
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+    print(f"accounts for kimi-pool written to {path} (kimi-pool serve --accounts {path})", file=sys.stderr)
+
+
+@emulate_app.command("moonshot")
+def emulate_moonshot(
+    host: Host = "127.0.0.1",
+    port: Port = 9001,
     keys: Annotated[int, typer.Option(min=1, max=10_000, help="API keys sk-emu-0001…, one organization each.")] = 4,
     concurrency: Annotated[int | None, typer.Option(min=1, help="Concurrent requests per organization.")] = None,
     rpm: Annotated[int | None, typer.Option(min=1, help="Requests per minute per organization.")] = None,
@@ -54,13 +74,12 @@ def emulate(
     reply_words: Annotated[int, typer.Option(min=1, help="Words in each (deterministic) reply.")] = 12,
     usage_position: Annotated[str, typer.Option(help="Where streams carry usage: choice, top or both.")]
     = "choice",
+    accounts_out: AccountsOut = None,
 ) -> None:
-    """Serve a faithful offline stand-in for an upstream (see PROTOCOLS.md), with control routes under /__fake/."""
+    """The official Moonshot API (OpenAI-compatible): organizations, limits, error bodies, SSE."""
     from app.emulator.moonshot import MoonshotEmulatorConfig, create_moonshot_emulator
     from app.serve import serve_emulator
 
-    if kind != "moonshot":
-        raise ConfigError(f"unknown upstream kind {kind!r} to emulate (this build has: moonshot)")
     try:
         config = MoonshotEmulatorConfig.simple(
             keys, concurrency=concurrency, rpm=rpm, tpm=tpm, tpd=tpd, balance=balance,
@@ -68,5 +87,74 @@ def emulate(
             usage_position=usage_position)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
-    print(f"emulating moonshot on http://{host}:{port}/v1 with keys sk-emu-0001…sk-emu-{keys:04d}", file=sys.stderr)
+    base = f"http://{host}:{port}/v1"
+    _write_accounts(accounts_out, "".join(
+        f'[[accounts]]\nname = "moonshot-{i}"\nkind = "moonshot"\napi_key = "{key}"\nbase_url = "{base}"\n\n'
+        for i, key in enumerate(sorted(config.keys), start=1)))
+    print(f"emulating moonshot on {base} with keys sk-emu-0001…sk-emu-{keys:04d}", file=sys.stderr)
     serve_emulator(create_moonshot_emulator(config), host, port)
+
+
+@emulate_app.command("kimi-ai-chat")
+def emulate_kimi_ai_chat(
+    host: Host = "127.0.0.1",
+    port: Port = 9002,
+    latency: Annotated[float, typer.Option(min=0, help="Seconds each whole answer takes.")] = 0.0,
+    bad_nonce_mode: Annotated[str, typer.Option(help="How a bad nonce is refused: wpcore, wpcore_legacy or "
+                                                     "plugin_json.")] = "wpcore",
+    nonce_tick: Annotated[float, typer.Option(min=1, help="Seconds between nonce rotations.")] = 12 * 3600.0,
+    max_message_chars: Annotated[int, typer.Option(min=1, help="Longest message the site takes.")] = 1000,
+    message_policy: Annotated[str, typer.Option(help="Longer messages: truncate or reject.")] = "truncate",
+    page_mode: Annotated[str, typer.Option(help="ok, stale, challenge_403, challenge_503 or no_nonce.")] = "ok",
+    reply_words: Annotated[int, typer.Option(min=1, help="Words in each (deterministic) reply.")] = 12,
+    accounts_out: AccountsOut = None,
+) -> None:
+    """The kimi-ai.chat site: a chat page with a nonce, and the admin-ajax chat action."""
+    from app.emulator.kimi_ai_chat import KimiAiChatEmulatorConfig, create_kimi_ai_chat_emulator
+    from app.serve import serve_emulator
+
+    try:
+        config = KimiAiChatEmulatorConfig(
+            latency=latency, bad_nonce_mode=bad_nonce_mode, nonce_tick=nonce_tick, max_message_chars=max_message_chars,
+            message_policy=message_policy, page_mode=page_mode, reply_words=reply_words)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    base = f"http://{host}:{port}"
+    _write_accounts(accounts_out,
+                    f'[[accounts]]\nname = "kimi-ai-chat-1"\nkind = "kimi-ai-chat"\nbase_url = "{base}"\n')
+    print(f"emulating kimi-ai.chat on {base}/chat/", file=sys.stderr)
+    serve_emulator(create_kimi_ai_chat_emulator(config), host, port)
+
+
+@emulate_app.command("kimi-web")
+def emulate_kimi_web(
+    host: Host = "127.0.0.1",
+    port: Port = 9003,
+    users: Annotated[int, typer.Option(min=1, max=1000, help="kimi.com logins, one token each.")] = 2,
+    quota_turns: Annotated[int | None, typer.Option(min=0, help="Turns per user per quota window.")] = None,
+    quota_window: Annotated[float, typer.Option(min=1, help="The quota window, in seconds.")] = 3 * 3600.0,
+    first_token_delay: Annotated[float, typer.Option(min=0, help="Seconds before the first token.")] = 0.0,
+    chunk_interval: Annotated[float, typer.Option(min=0, help="Seconds between streamed chunks.")] = 0.0,
+    reply_words: Annotated[int, typer.Option(min=1, help="Words in each (deterministic) reply.")] = 12,
+    accounts_out: AccountsOut = None,
+) -> None:
+    """kimi.com's web API: Connect streaming chats, kimi-auth tokens, chat continuity, quotas.
+
+    The tokens are minted by the emulator (they work with it only); --accounts-out writes them
+    into an accounts.toml, since they are not printed."""
+    from app.emulator.kimi_web import KimiWebEmulatorConfig, create_kimi_web_emulator
+    from app.serve import serve_emulator
+
+    try:
+        config = KimiWebEmulatorConfig.simple(
+            users, quota_turns=quota_turns, quota_window=quota_window, first_token_delay=first_token_delay,
+            chunk_interval=chunk_interval, reply_words=reply_words)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    app = create_kimi_web_emulator(config)
+    base = f"http://{host}:{port}"
+    _write_accounts(accounts_out, "".join(
+        f'[[accounts]]\nname = "kimi-web-{i}"\nkind = "kimi-web"\ntoken = "{app.state.emulator.token(user)}"\n'
+        f'base_url = "{base}"\n\n' for i, user in enumerate(config.users, start=1)))
+    print(f"emulating kimi.com on {base}/apiv2/ for {users} user(s)", file=sys.stderr)
+    serve_emulator(app, host, port)

@@ -1,0 +1,748 @@
+"""The kimi.com web emulator's state: configuration, tokens, chats, quotas, scripts and counters.
+
+``KimiWebEmulator.begin`` runs a Chat request through its checks (content type, envelope, token,
+request fields, chat ownership, quota, one stream per user) and returns either an immediate
+``Answer`` or a ``Ticket`` (the turn was admitted, its chat and messages recorded); ``finish``
+closes a ticket, however its stream ended. ``unary`` answers the plain-JSON RPCs. Tests drive the
+same object through ``token``, ``revoke``, ``script``, ``release``, ``wait_for``, ``snapshot``,
+``reset`` and ``configure``.
+
+Tokens are HS512 JWTs with the claim set of PROTOCOLS.md 3.1, signed with
+``EMULATOR_JWT_SECRET``. Any such token whose ``sub`` is a configured user is accepted until its
+``exp`` (read on the injected clock) or its revocation.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import hashlib
+import math
+import secrets
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, TypeGuard
+
+import jwt
+import orjson
+
+from app.clock import Clock
+from app.emulator import kimi_web_wire as wire
+from app.emulator.control import Gate, Notifier, Outcome, OutcomeKinds, Param, ScriptBook
+from app.emulator.windows import SlidingWindow
+
+EMULATOR_JWT_SECRET = "kimi-pool emulator signing key for kimi-auth access tokens; never a real one."
+"""The HS512 key the emulator signs and checks tokens with (long enough for SHA-512)."""
+
+TOKEN_TTL = 30 * 86_400.0
+"""A kimi-auth token lives 30 days (exp - iat = 2,592,000 s)."""
+
+AUTH_MODES = ("stream", "http")
+QUOTA_MODES = ("stream", "http", "status")
+
+OUTCOME_KINDS: OutcomeKinds = {
+    "ok": {},
+    "unauthenticated": {"mode": Param("config", choices=("config", *AUTH_MODES))},
+    "resource_exhausted": {"mode": Param("config", choices=("config", *QUOTA_MODES))},
+    "error_frame_after": {"chunks": Param(0), "code": Param("internal", choices=tuple(wire.CODE_STATUS)),
+                          "message": Param(wire.INTERNAL)},
+    "drop_after": {"chunks": Param(0)},
+    "drop_before_end": {},
+    "no_done": {},
+    "delay_first_token": {"seconds": Param(0.0)},
+    "hold_after": {"chunks": Param(0)},
+    "http_error": {"status": Param(503, minimum=400, maximum=599),
+                   "code": Param("unavailable", choices=tuple(wire.CODE_STATUS)), "message": Param(wire.UNAVAILABLE)},
+}
+"""Scriptable outcomes of a Chat request and their parameters (with defaults). ``mode`` "config"
+follows the emulator's ``auth_error_mode`` / ``quota_mode``; ``chunks`` counts text frames."""
+
+
+# --- tokens --------------------------------------------------------------------------------------
+
+
+def _ident(seed: str) -> str:
+    """A stable 20-character id (lowercase base32hex), like Kimi's user and space ids."""
+    return base64.b32hexencode(hashlib.sha256(seed.encode()).digest()[:15]).decode("ascii")[:20].lower()
+
+
+def _digits(seed: str) -> str:
+    """A stable 19-digit decimal id, like Kimi's device ids."""
+    number = int.from_bytes(hashlib.sha256(seed.encode()).digest()[:8], "big")
+    return str(10**18 + number % (9 * 10**18))
+
+
+def mint_jwt(user_id: str, *, now: float, ttl: float = TOKEN_TTL, secret: str = EMULATOR_JWT_SECRET,
+             **claims: Any) -> str:
+    """An HS512 kimi-auth access token for ``user_id``, issued at ``now``; ``claims`` override any claim.
+
+    ``space_id``, ``abstract_user_id`` and ``device_id`` derive from the user id; ``ssid`` (the login
+    session) is fresh on every call, so two tokens minted at the same moment still differ.
+    """
+    payload: dict[str, Any] = {
+        "iss": "user-center",
+        "typ": "access",
+        "app_id": "kimi",
+        "sub": user_id,
+        "space_id": _ident("space:" + user_id),
+        "abstract_user_id": _ident("abstract:" + user_id),
+        "ssid": str(10**18 + secrets.randbelow(9 * 10**18)),
+        "device_id": _digits("device:" + user_id),
+        "region": "cn",
+        "membership": {"level": 10},
+        "iat": int(now),
+        "exp": int(now + ttl),
+    }
+    payload.update(claims)
+    return jwt.encode(payload, secret, algorithm="HS512")
+
+
+class _Claims(NamedTuple):
+    user: str
+    iat: float
+    exp: float
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+RUNTIME_KNOBS = (
+    "token_ttl", "auth_error_mode", "quota_turns", "quota_window", "quota_mode", "one_stream_per_user",
+    "first_token_delay", "chunk_interval", "reply_words", "think_words", "heartbeat_every", "split_writes",
+)
+"""Fields ``configure`` (and ``POST /__fake/config``) may change while the emulator runs."""
+
+
+def _number(value: Any) -> TypeGuard[float]:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+@dataclass(frozen=True)
+class KimiWebEmulatorConfig:
+    """The emulated users (one kimi.com login each) and the behaviour knobs."""
+
+    users: tuple[str, ...]
+    """User ids: the ``sub`` of their tokens (20 characters on the real site)."""
+    token_ttl: float = TOKEN_TTL
+    """Lifetime of the tokens ``KimiWebEmulator.token`` mints."""
+    auth_error_mode: str = "stream"
+    """A bad token gets ``stream``: HTTP 200 and an ``unauthenticated`` end-of-stream error; ``http``: HTTP 401."""
+    quota_turns: int | None = None
+    """Turns a user may start per ``quota_window`` seconds; None: unlimited."""
+    quota_window: float = 3 * 3600.0
+    quota_mode: str = "stream"
+    """How the quota refuses: ``stream`` (a ``resource_exhausted`` end-of-stream error with HTTP 200),
+    ``http`` (HTTP 429) or ``status`` (the reply ends with a failed status and a canned text)."""
+    one_stream_per_user: bool = True
+    """A user's second concurrent Chat is refused with ``aborted``."""
+    first_token_delay: float = 0.0
+    """Seconds (on the clock) before the first thinking or text frame."""
+    chunk_interval: float = 0.0
+    """Seconds (on the clock) between thinking and text frames; 0 writes them all at once."""
+    reply_words: int = 12
+    """Words after the ``Turn N of chat:`` heading of each reply (one text frame each)."""
+    think_words: int = 6
+    """Words of thinking when the request asks for it (one frame each)."""
+    heartbeat_every: int = 4
+    """A heartbeat frame after every N text appends; 0: none."""
+    split_writes: bool = False
+    """Write every envelope in two pieces, split inside its 5-byte header."""
+
+    def __post_init__(self) -> None:
+        users = self.users
+        if isinstance(users, str) or not all(isinstance(u, str) and u for u in users):
+            raise ValueError("users must be a sequence of non-empty user id strings")
+        if len(set(users)) != len(users):
+            raise ValueError("user ids must be unique")
+        object.__setattr__(self, "users", tuple(users))
+        if not _number(self.token_ttl) or self.token_ttl <= 0:
+            raise ValueError(f"token_ttl must be a positive number of seconds, got {self.token_ttl!r}")
+        if self.auth_error_mode not in AUTH_MODES:
+            raise ValueError(f"auth_error_mode must be one of {', '.join(AUTH_MODES)}, got {self.auth_error_mode!r}")
+        if self.quota_turns is not None and not _count(self.quota_turns):
+            raise ValueError(f"quota_turns must be a non-negative integer or None, got {self.quota_turns!r}")
+        if not _number(self.quota_window) or self.quota_window <= 0:
+            raise ValueError(f"quota_window must be a positive number of seconds, got {self.quota_window!r}")
+        if self.quota_mode not in QUOTA_MODES:
+            raise ValueError(f"quota_mode must be one of {', '.join(QUOTA_MODES)}, got {self.quota_mode!r}")
+        for name in ("one_stream_per_user", "split_writes"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("first_token_delay", "chunk_interval"):
+            value = getattr(self, name)
+            if not _number(value) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number of seconds, got {value!r}")
+        for name in ("reply_words", "think_words", "heartbeat_every"):
+            if not _count(getattr(self, name)):
+                raise ValueError(f"{name} must be a non-negative integer, got {getattr(self, name)!r}")
+
+    @classmethod
+    def simple(cls, users: int = 2, **kw: Any) -> KimiWebEmulatorConfig:
+        """Users ``user-000000000000001``… (20 characters each)."""
+        return cls(users=tuple(f"user-{number:015d}" for number in range(1, users + 1)), **kw)
+
+
+# --- chats ---------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Message:
+    id: str
+    parent_id: str
+    role: str
+    content: str
+    scenario: str
+    status: str
+    created: float
+    think: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_wire(self) -> dict[str, Any]:
+        """As ``ListMessages`` returns it."""
+        blocks = []
+        if self.think:
+            blocks.append({"id": "0", "think": {"content": self.think}})
+        if self.content:
+            blocks.append({"id": "1", "text": {"content": self.content}})
+        return {"id": self.id, "parentId": self.parent_id, "role": self.role, "status": self.status,
+                "scenario": self.scenario, "createTime": wire.iso(self.created), "blocks": blocks}
+
+
+@dataclass(slots=True)
+class Chat:
+    id: str
+    owner: str
+    created: float
+    name: str = ""
+    messages: list[Message] = field(default_factory=list)
+    activity: int = 0
+    """When the chat last had a turn, as a sequence number: ``ListChats`` shows the latest first."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"id": self.id, "owner": self.owner, "name": self.name, "created": self.created,
+                "messages": [message.to_dict() for message in self.messages]}
+
+
+# --- counters ------------------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class StreamCounters:
+    """Chat counters, kept per user and in total."""
+
+    chat_requests: int = 0
+    """Chat requests seen, whatever their answer (per user: those whose token names the user)."""
+    by_code: dict[str, int] = field(default_factory=dict)
+    """How answers ended, by Connect code: ``ok`` for a clean end-of-stream, else the error's code
+    however it was signalled (end-of-stream frame, HTTP status, or a ``status``-mode usage limit).
+    Answers with no end at all are counted in ``dropped`` and ``client_disconnects`` instead."""
+    in_flight: int = 0
+    peak_in_flight: int = 0
+    turns: int = 0
+    """Turns admitted (and charged to the quota)."""
+    completed_streams: int = 0
+    """Replies delivered in full: ``done`` and a clean end-of-stream frame."""
+    dropped: int = 0
+    """Streams the emulator cut on purpose (``drop_after``, ``drop_before_end``)."""
+    client_disconnects: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def count(self, code: str) -> None:
+        self.by_code[code] = self.by_code.get(code, 0) + 1
+
+
+@dataclass(slots=True)
+class KimiWebStats(StreamCounters):
+    """Totals (the inherited fields), the unary calls, and ``users``: the same counters per user."""
+
+    chats_created: int = 0
+    chats_deleted: int = 0
+    delete_calls: int = 0
+    """DeleteChat and BatchDeleteChats calls, whatever their answer."""
+    list_calls: int = 0
+    """ListChats and ListMessages calls."""
+    subscription_calls: int = 0
+    users: dict[str, StreamCounters] = field(default_factory=dict)
+
+
+def _zero(counters: StreamCounters) -> None:
+    """Reset every counter but ``in_flight`` (the present, not history)."""
+    for spec in dataclasses.fields(counters):
+        if spec.name in ("in_flight", "users"):
+            continue
+        value = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+        setattr(counters, spec.name, value)
+    counters.peak_in_flight = counters.in_flight
+
+
+# --- answers and tickets -------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class Answer:
+    """An immediate answer: an HTTP error or unary body, or (``stream``) a lone end-of-stream frame."""
+
+    status: int
+    body: bytes
+    headers: wire.Headers = wire.JSON_HEADERS
+    stream: bool = False
+
+
+@dataclass(slots=True)
+class Ticket:
+    """An admitted turn: counted in flight; its chat and both messages are recorded."""
+
+    user: str
+    chat: Chat
+    new_chat: bool
+    question: Message
+    reply: Message
+    think: list[str]
+    text: list[str]
+    outcome: Outcome | None
+    limited: bool
+    """The usage limit answered through the message status: canned text, failed status."""
+    name: str
+    """The chat's automatic name, sent after the first turn."""
+
+
+@dataclass(slots=True)
+class _Ask:
+    scenario: str
+    prompt: str
+    thinking: bool
+    chat_id: str
+    parent_id: str
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part.title() for part in rest)
+
+
+def _get(body: Mapping[str, Any], name: str) -> Any:
+    """A request field by its proto name or its JSON (camelCase) name, as protojson accepts both."""
+    return body[name] if name in body else body.get(_camel(name))
+
+
+def _parse_chat(body: Any) -> tuple[str, _Ask | None]:
+    """(problem, None) or ("", the request's parts)."""
+    if not isinstance(body, dict):
+        return "the request must be a JSON object", None
+    scenario = body.get("scenario")
+    if scenario not in wire.SCENARIOS:
+        return f"unknown scenario {scenario!r}; expected one of {', '.join(wire.SCENARIOS)}", None
+    message = body.get("message")
+    if not isinstance(message, dict):
+        return "message is required", None
+    blocks = message.get("blocks")
+    first = blocks[0] if isinstance(blocks, list) and blocks else None
+    text = first.get("text") if isinstance(first, dict) else None
+    prompt = text.get("content") if isinstance(text, dict) else None
+    if not isinstance(prompt, str) or not prompt.strip():
+        return "message.blocks[0].text.content must be a non-empty string", None
+    options = body.get("options")
+    if options is not None and not isinstance(options, dict):
+        return "options must be an object", None
+    thinking = (options or {}).get("thinking")
+    if thinking is not None and not isinstance(thinking, bool):
+        return "options.thinking must be a boolean", None
+    chat_id = _get(body, "chat_id")
+    parent_id = _get(message, "parent_id")
+    for name, value in (("chat_id", chat_id), ("message.parent_id", parent_id)):
+        if value is not None and not isinstance(value, str):
+            return f"{name} must be a string", None
+    if parent_id and not chat_id:
+        return "message.parent_id needs the chat_id of its chat", None
+    return "", _Ask(scenario, prompt, bool(thinking), chat_id or "", parent_id or "")
+
+
+def _page(body: Mapping[str, Any], default: int) -> tuple[int, int]:
+    """(offset, size) from ``page_token`` and ``page_size``; ``ValueError`` when they are malformed."""
+    size = _get(body, "page_size")
+    if isinstance(size, str) and size.isdigit():
+        size = int(size)
+    if size is None or size == 0:
+        size = default
+    if not _count(size):
+        raise ValueError("page_size must be a non-negative integer")
+    token = _get(body, "page_token") or ""
+    if not isinstance(token, str) or (token and not token.isdigit()):
+        raise ValueError("page_token is not one this server gave")
+    return int(token or 0), min(size, 1000)
+
+
+# --- the emulator --------------------------------------------------------------------------------
+
+
+class KimiWebEmulator:
+    """The emulator's whole state (``app.state.emulator``).
+
+    ``chats`` maps chat id → ``Chat``; ``stats`` holds live counters in total and per user;
+    ``snapshot()`` is all of it as JSON-ready data. The configuration is frozen: change knobs
+    with ``configure`` (or ``POST /__fake/config``).
+    """
+
+    def __init__(self, config: KimiWebEmulatorConfig, clock: Clock) -> None:
+        self.config = config
+        self.clock = clock
+        self.scripts = ScriptBook(OUTCOME_KINDS)
+        self._notifier = Notifier()
+        self.gate = Gate(self._notify)
+        self.stats = KimiWebStats(users={user: StreamCounters() for user in config.users})
+        self.chats: dict[str, Chat] = {}
+        self._users = frozenset(config.users)
+        self._quota = {user: SlidingWindow(config.quota_window) for user in config.users}
+        self._claims: dict[str, _Claims] = {}
+        """Tokens seen or minted whose signature and user are good (a cache, and who holds which)."""
+        self._revoked_tokens: set[str] = set()
+        self._revoked_before: dict[str, float] = {}
+        """User → tokens issued before this second are revoked (``revoke(user)``)."""
+        self._ids = 0
+        self._activity = 0
+
+    # --- in-process control ----------------------------------------------------------------------
+
+    def token(self, user_id: str) -> str:
+        """A fresh valid token for a configured user, issued now (by the clock)."""
+        if user_id not in self._users:
+            raise ValueError(f"unknown user {user_id!r}")
+        now = self.clock.time()
+        ttl = self.config.token_ttl
+        token = mint_jwt(user_id, now=now, ttl=ttl)
+        self._claims[token] = _Claims(user_id, int(now), int(now + ttl))
+        return token
+
+    def revoke(self, token_or_user: str) -> None:
+        """Revoke one token, or (given a user id) every token of that user issued so far."""
+        user = token_or_user
+        if user in self._users:
+            self._revoked_before[user] = max(self._revoked_before.get(user, 0.0), math.floor(self.clock.time()))
+            self._revoked_tokens.update(token for token, claims in self._claims.items() if claims.user == user)
+        else:
+            self._revoked_tokens.add(token_or_user)
+        self._notify()
+
+    def script(self, key: str | None, outcomes: list[dict[str, Any]]) -> int:
+        """Queue outcomes for ``key`` (a token; None: any), played one per Chat request, FIFO."""
+        queued = self.scripts.add(key, outcomes)
+        self._notify()
+        return queued
+
+    def release(self) -> int:
+        """Let every stream held by a ``hold_after`` outcome go on; returns how many were held."""
+        released = self.gate.release()
+        self._notify()
+        return released
+
+    @property
+    def held(self) -> int:
+        return self.gate.held
+
+    async def wait_for(self, predicate: Callable[[KimiWebEmulator], bool], timeout: float = 5.0) -> None:
+        """Return once ``predicate(self)`` holds, re-checked on every state change."""
+        await self._notifier.wait_for(lambda: predicate(self), timeout)
+
+    def _notify(self) -> None:
+        self._notifier.notify()
+
+    def knobs(self) -> dict[str, Any]:
+        return {name: getattr(self.config, name) for name in RUNTIME_KNOBS}
+
+    def snapshot(self) -> dict[str, Any]:
+        now = self.clock.time()
+        state = self.stats.to_dict()
+        for user, counters in state["users"].items():
+            counters["quota_used"] = self._quota[user].used(now)
+            counters["revoked_before"] = self._revoked_before.get(user)
+        return {
+            **state,
+            "chats": {chat_id: chat.to_dict() for chat_id, chat in self.chats.items()},
+            "revoked_tokens": len(self._revoked_tokens),
+            "held": self.gate.held,
+            "scripts": self.scripts.pending(),
+            "config": {"users": list(self.config.users), **self.knobs()},
+        }
+
+    def reset(self) -> None:
+        """Forget chats, scripts, revocations and quota use; zero counters. Held streams stay held."""
+        self.scripts.clear()
+        self.chats.clear()
+        self._revoked_tokens.clear()
+        self._revoked_before.clear()
+        for window in self._quota.values():
+            window.clear()
+        _zero(self.stats)
+        for counters in self.stats.users.values():
+            _zero(counters)
+        self._notify()
+
+    def configure(self, changes: Mapping[str, Any]) -> dict[str, Any]:
+        """Change runtime knobs (``ValueError`` for unknown ones or bad values); returns the knobs."""
+        unknown = sorted(set(changes) - set(RUNTIME_KNOBS))
+        if unknown:
+            raise ValueError(f"{', '.join(unknown)} cannot be changed at runtime; knobs: {', '.join(RUNTIME_KNOBS)}")
+        self.config = dataclasses.replace(self.config, **changes)
+        for window in self._quota.values():
+            window.span = self.config.quota_window
+        self._notify()
+        return self.knobs()
+
+    # --- tokens ----------------------------------------------------------------------------------
+
+    def check_token(self, token: str | None) -> tuple[str | None, str]:
+        """(user, "") for a good token; (user or None, problem) otherwise.
+
+        The user is named whenever the signature is good and its ``sub`` is configured, so the
+        refusal of an expired or revoked token is counted against its user.
+        """
+        if not token:
+            return None, wire.NO_TOKEN
+        claims = self._claims.get(token)
+        if claims is None:
+            try:
+                payload = jwt.decode(token, EMULATOR_JWT_SECRET, algorithms=["HS512"], options={
+                    "verify_exp": False, "verify_iat": False, "verify_nbf": False, "verify_aud": False})
+            except jwt.PyJWTError:
+                return None, wire.BAD_TOKEN
+            user, exp, iat = payload.get("sub"), payload.get("exp"), payload.get("iat", 0)
+            if not isinstance(user, str) or user not in self._users or not _number(exp) or not _number(iat):
+                return None, wire.BAD_TOKEN
+            claims = self._claims[token] = _Claims(user, iat, exp)
+        if token in self._revoked_tokens or claims.iat < self._revoked_before.get(claims.user, -math.inf):
+            return claims.user, wire.REVOKED_TOKEN
+        if self.clock.time() >= claims.exp:
+            return claims.user, wire.EXPIRED_TOKEN
+        return claims.user, ""
+
+    # --- Chat ------------------------------------------------------------------------------------
+
+    def _groups(self, user: str | None) -> tuple[StreamCounters, ...]:
+        return (self.stats,) if user is None else (self.stats, self.stats.users[user])
+
+    def _refuse(self, user: str | None, code: str, message: str, *, http: bool, status: int | None = None) -> Answer:
+        for counters in self._groups(user):
+            counters.count(code)
+        self._notify()
+        if http:
+            return Answer(status or wire.CODE_STATUS[code], wire.error_body(code, message))
+        return Answer(200, wire.end_frame(code, message), wire.STREAM_HEADERS, stream=True)
+
+    def begin(self, token: str | None, content_type: str, raw: bytes) -> Answer | Ticket:
+        """Check a Chat request; admit its turn, or answer at once."""
+        user, problem = self.check_token(token)
+        for counters in self._groups(user):
+            counters.chat_requests += 1
+        outcome = self.scripts.pop(token)
+        kind = outcome.kind if outcome is not None else "ok"
+        if outcome is not None and kind == "http_error":
+            return self._refuse(user, outcome["code"], outcome["message"], http=True, status=outcome["status"])
+        if content_type != wire.CONNECT_JSON:
+            return self._refuse(user, "invalid_argument", f"content-type must be {wire.CONNECT_JSON}",
+                                http=True, status=415)
+        try:
+            body = wire.decode_request(raw)
+        except wire.FramingError as exc:
+            return self._refuse(user, "invalid_argument", str(exc), http=False)
+        if outcome is not None and kind == "unauthenticated":
+            problem = problem or wire.BAD_TOKEN
+        if problem or user is None:
+            mode = outcome["mode"] if outcome is not None and kind == "unauthenticated" else "config"
+            mode = self.config.auth_error_mode if mode == "config" else mode
+            return self._refuse(user, "unauthenticated", problem, http=mode == "http")
+        problem, ask = _parse_chat(body)
+        if ask is None:
+            return self._refuse(user, "invalid_argument", problem, http=False)
+        chat: Chat | None = None
+        parent_id = ""
+        if ask.chat_id:
+            chat = self.chats.get(ask.chat_id)
+            if chat is None or chat.owner != user:
+                return self._refuse(user, "not_found", f"chat {ask.chat_id} not found", http=False)
+            if ask.parent_id and not any(message.id == ask.parent_id for message in chat.messages):
+                return self._refuse(user, "invalid_argument",
+                                    f"parent message {ask.parent_id} is not in chat {chat.id}", http=False)
+            parent_id = ask.parent_id or (chat.messages[-1].id if chat.messages else "")
+        now = self.clock.time()
+        config = self.config
+        limited = outcome is not None and kind == "resource_exhausted"
+        message = wire.USAGE_LIMIT
+        window = self._quota[user]
+        if not limited and config.quota_turns is not None:
+            wait = window.wait(now, 1, config.quota_turns)
+            limited = wait > 0
+            message = wire.usage_limit(config.quota_turns, config.quota_window, wait)
+        if limited:
+            mode = outcome["mode"] if outcome is not None and kind == "resource_exhausted" else "config"
+            mode = config.quota_mode if mode == "config" else mode
+            if mode != "status":
+                return self._refuse(user, "resource_exhausted", message, http=mode == "http")
+        counters = self.stats.users[user]
+        if config.one_stream_per_user and counters.in_flight > 0:
+            return self._refuse(user, "aborted", wire.BUSY, http=False)
+        return self._admit(user, ask, chat, parent_id, outcome if kind not in ("ok", "resource_exhausted") else None,
+                           limited)
+
+    def _new_id(self, now: float) -> str:
+        self._ids += 1
+        return wire.xid(now, b"kimiw", self._ids)
+
+    def _admit(self, user: str, ask: _Ask, chat: Chat | None, parent_id: str, outcome: Outcome | None,
+               limited: bool) -> Ticket:
+        now = self.clock.time()
+        config = self.config
+        new_chat = chat is None
+        if chat is None:
+            chat = Chat(self._new_id(now), user, now)
+            self.chats[chat.id] = chat
+            self.stats.chats_created += 1
+        turn = 1 + sum(1 for message in chat.messages if message.role == "user")
+        question = Message(self._new_id(now), parent_id, "user", ask.prompt, ask.scenario,
+                           wire.STATUS_COMPLETED, now)
+        reply = Message(self._new_id(now), question.id, "assistant", "", ask.scenario, wire.STATUS_GENERATING, now)
+        chat.messages += (question, reply)
+        self._activity += 1
+        chat.activity = self._activity
+        for counters in self._groups(user):
+            counters.in_flight += 1
+            counters.peak_in_flight = max(counters.peak_in_flight, counters.in_flight)
+            if not limited:
+                counters.turns += 1
+        if limited:
+            think, text = [], [wire.USAGE_LIMIT_TEXT]
+        else:
+            self._quota[user].add(now, 1)
+            think = wire.think_pieces(config.think_words) if ask.thinking else []
+            text = wire.reply_pieces(turn, config.reply_words)
+        self._notify()
+        return Ticket(user, chat, new_chat, question, reply, think, text, outcome, limited,
+                      wire.title(ask.prompt) if new_chat else chat.name)
+
+    def finish(self, ticket: Ticket, think_sent: int, text_sent: int, result: str, status_sent: bool) -> None:
+        """Close an admitted turn: ``completed``, ``no_done``, ``error``, ``dropped`` or ``disconnect``."""
+        reply = ticket.reply
+        reply.think = "".join(ticket.think[:think_sent])
+        reply.content = "".join(ticket.text[:text_sent])
+        reply.status = wire.STATUS_COMPLETED if status_sent and not ticket.limited else wire.STATUS_FAILED
+        if status_sent and ticket.new_chat and not ticket.limited:
+            ticket.chat.name = ticket.name
+        for counters in self._groups(ticket.user):
+            counters.in_flight -= 1
+            if result in ("completed", "no_done"):
+                counters.count("resource_exhausted" if ticket.limited else "ok")
+                if result == "completed" and not ticket.limited:
+                    counters.completed_streams += 1
+            elif result == "error":
+                assert ticket.outcome is not None
+                counters.count(ticket.outcome["code"])
+            elif result == "dropped":
+                counters.dropped += 1
+            else:
+                counters.client_disconnects += 1
+        self._notify()
+
+    # --- unary RPCs ------------------------------------------------------------------------------
+
+    def unary(self, method: str, token: str | None, content_type: str, raw: bytes) -> Answer:
+        """Answer one unary RPC (``DeleteChat``, ``BatchDeleteChats``, ``ListChats``, ``ListMessages``,
+        ``GetSubscription``): plain JSON in and out, errors as HTTP statuses."""
+        if method in ("DeleteChat", "BatchDeleteChats"):
+            self.stats.delete_calls += 1
+        elif method == "GetSubscription":
+            self.stats.subscription_calls += 1
+        else:
+            self.stats.list_calls += 1
+        self._notify()
+        user, problem = self.check_token(token)
+        if problem or user is None:
+            return _error("unauthenticated", problem)
+        if content_type != "application/json":
+            return _error("invalid_argument", "content-type must be application/json", 415)
+        try:
+            body = orjson.loads(raw) if raw.strip() else {}
+        except orjson.JSONDecodeError as exc:
+            return _error("invalid_argument", f"the message is not valid JSON: {exc}")
+        if not isinstance(body, dict):
+            return _error("invalid_argument", "the request must be a JSON object")
+        handlers: dict[str, Callable[[str, dict[str, Any]], Answer]] = {
+            "DeleteChat": self._delete_chat, "BatchDeleteChats": self._batch_delete_chats,
+            "ListChats": self._list_chats, "ListMessages": self._list_messages,
+            "GetSubscription": self._get_subscription,
+        }
+        try:
+            answer = handlers[method](user, body)
+        except ValueError as exc:
+            return _error("invalid_argument", str(exc))
+        self._notify()
+        return answer
+
+    def _owned(self, user: str, chat_id: Any) -> Chat | None:
+        chat = self.chats.get(chat_id) if isinstance(chat_id, str) else None
+        return chat if chat is not None and chat.owner == user else None
+
+    def _delete(self, chat: Chat) -> None:
+        del self.chats[chat.id]
+        self.stats.chats_deleted += 1
+
+    def _delete_chat(self, user: str, body: dict[str, Any]) -> Answer:
+        chat_id = _get(body, "chat_id")
+        if not isinstance(chat_id, str) or not chat_id:
+            raise ValueError("chat_id is required")
+        chat = self._owned(user, chat_id)
+        if chat is None:
+            return _error("not_found", f"chat {chat_id} not found")
+        self._delete(chat)
+        return Answer(200, b"{}")
+
+    def _batch_delete_chats(self, user: str, body: dict[str, Any]) -> Answer:
+        """Deletes the caller's chats among ``chat_ids``; other ids are ignored."""
+        chat_ids = _get(body, "chat_ids")
+        if not isinstance(chat_ids, list) or not all(isinstance(chat_id, str) for chat_id in chat_ids):
+            raise ValueError("chat_ids must be a list of strings")
+        for chat_id in dict.fromkeys(chat_ids):
+            chat = self._owned(user, chat_id)
+            if chat is not None:
+                self._delete(chat)
+        return Answer(200, b"{}")
+
+    def _list_chats(self, user: str, body: dict[str, Any]) -> Answer:
+        """The caller's chats, latest turn first; ``query`` filters names (case-insensitive)."""
+        offset, size = _page(body, 20)
+        query = _get(body, "query") or ""
+        if not isinstance(query, str):
+            raise ValueError("query must be a string")
+        chats = sorted((chat for chat in self.chats.values()
+                        if chat.owner == user and query.lower() in chat.name.lower()),
+                       key=lambda chat: chat.activity, reverse=True)
+        page = chats[offset:offset + size]
+        following = str(offset + size) if offset + size < len(chats) else ""
+        return Answer(200, orjson.dumps({
+            "chats": [{"id": chat.id, "name": chat.name, "createTime": wire.iso(chat.created)} for chat in page],
+            "nextPageToken": following}))
+
+    def _list_messages(self, user: str, body: dict[str, Any]) -> Answer:
+        """A chat's messages, oldest first."""
+        offset, size = _page(body, 50)
+        chat_id = _get(body, "chat_id")
+        chat = self._owned(user, chat_id)
+        if chat is None:
+            return _error("not_found", f"chat {chat_id} not found")
+        page = chat.messages[offset:offset + size]
+        following = str(offset + size) if offset + size < len(chat.messages) else ""
+        return Answer(200, orjson.dumps({"messages": [message.to_wire() for message in page],
+                                         "nextPageToken": following}))
+
+    def _get_subscription(self, user: str, body: dict[str, Any]) -> Answer:
+        return Answer(200, orjson.dumps({"subscription": {
+            "userId": user, "userName": f"Emulated {user}", "membership": {"level": 10}}}))
+
+
+def _error(code: str, message: str, status: int | None = None) -> Answer:
+    return Answer(status or wire.CODE_STATUS[code], wire.error_body(code, message))
