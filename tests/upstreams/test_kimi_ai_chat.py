@@ -12,11 +12,15 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import openai
 import pytest
 
 from app.clock import ManualClock
 from app.emulator.kimi_ai_chat import KimiAiChatEmulator, KimiAiChatEmulatorConfig, create_kimi_ai_chat_emulator
+from app.probe import probe_accounts
+from app.store.db import Database
+from app.upstreams.registry import Registry
 from tests.conftest import Gateway, run_gateway, serve
 
 MODEL = "kimi-k2-instruct-0905"
@@ -188,3 +192,17 @@ async def test_a_site_that_truncates_less_than_we_do_refuses_with_a_clear_error(
         site = stack.sites[0].emulator.stats
         assert site.page_fetches == 1 and site.bad_nonce == 0, "not mistaken for a stale nonce"
         assert stack.state("site-1") == ("active", None)
+
+
+async def test_accounts_check_fetches_each_sites_page_afresh(tmp_path: Path) -> None:
+    async with chat_stack(tmp_path, sites=2) as stack:
+        stack.sites[1].emulator.configure({"page_mode": "challenge_503"})
+        db = Database(stack.gateway.db_url)
+        async with aiohttp.ClientSession() as session:
+            registry = Registry.default(session, stack.clock)
+            results = {r.name: r for r in await probe_accounts(db, registry, stack.clock, None)}
+            await registry.close()
+        await db.dispose()
+        assert (results["site-1"].after, results["site-1"].outcome) == ("active", "ok")
+        assert results["site-2"].after == "cooling_down" and "challenge page" in results["site-2"].detail
+        assert [s.emulator.stats.page_fetches for s in stack.sites] == [1, 1]

@@ -8,17 +8,22 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import openai
 import pytest
 
 from app.clock import ManualClock
 from app.emulator.kimi_web import KimiWebEmulator, KimiWebEmulatorConfig, create_kimi_web_emulator
 from app.emulator.kimi_web_state import mint_jwt
+from app.probe import probe_accounts
+from app.store.db import Database
+from app.upstreams.registry import Registry
 from tests.conftest import Gateway, reload, run_gateway, serve
 from tests.test_sync import cli
 
@@ -270,3 +275,31 @@ async def test_a_migrated_session_replays_its_transcript_into_a_new_chat(tmp_pat
         new_chat = next(c for c in stack.chats() if len(c.messages) == 2)
         assert new_chat.messages[0].content.startswith("User: question 1\n\nAssistant: Turn 1 of chat:")
         assert new_chat.messages[0].content.endswith("User: question 3")
+
+
+# --- the operator's view ------------------------------------------------------------------------------
+
+
+async def test_a_token_about_to_lapse_is_warned_about_in_the_log(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="kimi_pool.sync"):
+        async with web_stack(tmp_path, users=2, ttl=[2 * 86400.0, 30 * 86400.0]):
+            pass
+    warnings = [r.getMessage() for r in caplog.records if r.name == "kimi_pool.sync"]
+    assert len(warnings) == 1 and warnings[0].startswith("account web-1: its kimi.com login token expires")
+    assert "(in 2d)" in warnings[0] or "(in 1d)" in warnings[0]
+
+
+async def test_accounts_check_asks_kimi_com_whether_each_login_still_works(tmp_path: Path) -> None:
+    async with web_stack(tmp_path, users=2) as stack:
+        stack.clock.advance(1)
+        stack.emulator.revoke(stack.emulator.config.users[1])
+        db = Database(stack.gateway.db_url)
+        async with aiohttp.ClientSession() as session:
+            registry = Registry.default(session, stack.clock)
+            results = {r.name: r for r in await probe_accounts(db, registry, stack.clock, None)}
+            await registry.close()
+        await db.dispose()
+        assert (results["web-1"].after, results["web-1"].outcome) == ("active", "ok")
+        assert results["web-2"].after == "auth_dead" and "unauthenticated" in results["web-2"].detail
+        assert stack.emulator.stats.subscription_calls == 2
