@@ -303,3 +303,27 @@ async def test_accounts_check_asks_kimi_com_whether_each_login_still_works(tmp_p
         assert (results["web-1"].after, results["web-1"].outcome) == ("active", "ok")
         assert results["web-2"].after == "auth_dead" and "unauthenticated" in results["web-2"].detail
         assert stack.emulator.stats.subscription_calls == 2
+
+
+async def test_a_chat_deleted_on_kimi_com_is_replaced_by_a_replay(tmp_path: Path) -> None:
+    async with web_stack(tmp_path) as stack:
+        client = stack.client()
+        headers = {"X-Session-Id": "kept-then-deleted"}
+        messages = await converse(client, 2, extra_headers=headers)
+        [chat] = stack.chats()
+        async with aiohttp.ClientSession() as http:  # the user deletes the chat in the browser
+            async with http.post(f"{stack.url}/apiv2/kimi.chat.v1.ChatService/DeleteChat", json={"chat_id": chat.id},
+                                 headers={"Authorization": f"Bearer {stack.tokens[0]}"}) as response:
+                assert response.status == 200
+        messages.append({"role": "user", "content": "question 3"})
+        answer = await client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore[arg-type]
+                                                      extra_headers=headers)
+        assert answer.choices[0].message.content.startswith("Turn 1 of chat:")
+        [new_chat] = stack.chats()
+        assert new_chat.id != chat.id and new_chat.messages[0].content.startswith("User: question 1\n\n")
+        assert "not_found" in stack.emulator.stats.by_code
+        turn_four = [*messages, {"role": "assistant", "content": answer.choices[0].message.content or ""},
+                     {"role": "user", "content": "question 4"}]
+        answer = await client.chat.completions.create(model=MODEL, messages=turn_four,  # type: ignore[arg-type]
+                                                      extra_headers=headers)
+        assert answer.choices[0].message.content.startswith("Turn 2 of chat:"), "and the new chat is continued"
