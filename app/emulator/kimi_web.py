@@ -35,19 +35,8 @@ from app.emulator.asgi import (
     until_disconnect,
 )
 from app.emulator.control import control_routes
-from app.emulator.kimi_web_state import (
-    EMULATOR_JWT_SECRET,
-    OUTCOME_KINDS,
-    Answer,
-    Chat,
-    KimiWebEmulator,
-    KimiWebEmulatorConfig,
-    KimiWebStats,
-    Message,
-    StreamCounters,
-    Ticket,
-    mint_jwt,
-)
+from app.emulator.kimi_web_config import EMULATOR_JWT_SECRET, OUTCOME_KINDS, KimiWebEmulatorConfig, mint_jwt
+from app.emulator.kimi_web_state import Answer, Chat, KimiWebEmulator, KimiWebStats, Message, StreamCounters, Ticket
 
 __all__ = [
     "EMULATOR_JWT_SECRET",

@@ -19,8 +19,7 @@ import openai
 import pytest
 
 from app.clock import ManualClock
-from app.emulator.kimi_web import KimiWebEmulator, KimiWebEmulatorConfig, create_kimi_web_emulator
-from app.emulator.kimi_web_state import mint_jwt
+from app.emulator.kimi_web import KimiWebEmulator, KimiWebEmulatorConfig, create_kimi_web_emulator, mint_jwt
 from app.probe import probe_accounts
 from app.store.db import Database
 from app.upstreams.registry import Registry
