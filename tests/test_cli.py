@@ -267,9 +267,11 @@ def test_bad_files_are_one_line_and_change_nothing(cli: Cli, tmp_path: Path, tex
 
 def test_import_of_the_example_file(cli: Cli) -> None:
     example = Path(__file__).resolve().parent.parent / "accounts.example.toml"
-    assert cli.ok("accounts", "import", str(example)).endswith("3 created, 0 updated, 0 unchanged\n")
+    assert cli.ok("accounts", "import", str(example)).endswith("3 created, 0 updated, 0 unchanged; 1 alias(es)\n")
     kinds = {v["kind"] for v in cli.accounts()}
     assert kinds == {"moonshot", "kimi-web", "kimi-ai-chat"}
+    models = {v["model"]: v for v in json.loads(cli.ok("models", "list", "--json"))}
+    assert models["kimi-latest"]["alias"] == {"kimi-web": "kimi-k2.5", "moonshot": "kimi-k2.5"}
 
 
 # --- keys -----------------------------------------------------------------------------------------
