@@ -6,6 +6,7 @@ Kept apart from ``cli.py`` so the commands stay thin and their option parsing st
 from __future__ import annotations
 
 import logging
+import signal
 import subprocess
 import sys
 
@@ -48,6 +49,10 @@ def serve_gateway(settings: Settings) -> None:
         load_accounts_toml(settings.accounts_file)  # a broken file fails here, in one line, before binding
     migrate_in_child(settings.db_url)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # uvicorn handles SIGTERM (stop accepting, let in-flight requests and streams finish, then the
+    # lifespan flushes usage and state) and afterwards re-raises the signal to the handler it found:
+    # make that handler a no-op, so a clean shutdown ends with exit status 0, not "killed by SIGTERM".
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
     _run(create_app(settings), settings.host, settings.port, settings.log_level)
 
 
