@@ -25,6 +25,7 @@ from app.cli_support import cli_state as _state
 from app.cli_support import console as _console
 from app.cli_support import human_time as _human_time
 from app.cli_support import in_db as _in_db
+from app.cli_usage import usage
 from app.clock import SystemClock
 from app.config import DEFAULT_DB_URL, Settings, load_accounts_toml, make_account_spec, mask_secret
 from app.errors import ConfigError, KimiPoolError
@@ -48,6 +49,7 @@ app.add_typer(sessions_app)
 app.add_typer(models_app)
 app.add_typer(emulate_app)
 app.command("serve")(serve)
+app.command("usage")(usage)
 
 
 @app.callback()

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 from typing import Annotated, Any
 
 import typer
@@ -13,7 +12,7 @@ from app.cli_support import cli_state as _state
 from app.cli_support import console as _console
 from app.cli_support import human_time as _human_time
 from app.cli_support import in_db as _in_db
-from app.errors import ConfigError
+from app.cli_support import parse_duration as _parse_duration
 from app.store.models import SessionRow
 from app.store.repository import SessionRepository
 
@@ -22,10 +21,6 @@ sessions_app = typer.Typer(name="sessions", no_args_is_help=True,
 
 
 # --- sessions -------------------------------------------------------------------------------------
-
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
-
 
 @sessions_app.command("list")
 def sessions_list(
@@ -69,14 +64,6 @@ def sessions_purge(
     purged = _in_db(ctx, lambda session, now: SessionRepository(session).purge(
         now, None if seconds is None else now - seconds))
     typer.echo(f"purged {purged} session{'' if purged == 1 else 's'}")
-
-
-def _parse_duration(text: str) -> float:
-    """``30m``, ``12h``, ``7d`` (also ``s`` and ``w``) → seconds."""
-    match = _DURATION.match(text.strip().lower())
-    if match is None:
-        raise ConfigError(f"bad duration {text!r}: use a number and a unit (s, m, h, d or w), e.g. 30m, 12h or 7d")
-    return float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 def _session_view(row: SessionRow, now: float) -> dict[str, Any]:

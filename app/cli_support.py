@@ -1,8 +1,9 @@
-"""What the command modules share: the global state, the database helper, the console, time display."""
+"""What the command modules share: the global state, the database helper, the console, times and durations."""
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -14,10 +15,13 @@ from rich.console import Console
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.clock import Clock
+from app.errors import ConfigError
 from app.store.db import Database
 
 PROG = "kimi-pool"
 _T = TypeVar("_T")
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,3 +73,17 @@ def human_time(ts: float | None, now: float) -> str:
         span = f"{seconds // 86400:.0f}d"
     when = datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
     return f"{when} (in {span})" if ts >= now else f"{when} ({span} ago)"
+
+
+def duration_seconds(text: str) -> float | None:
+    """``30m``, ``12h``, ``7d`` (also ``s`` and ``w``) → seconds; None if ``text`` is not such a duration."""
+    match = _DURATION.match(text.strip().lower())
+    return None if match is None else float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
+
+
+def parse_duration(text: str) -> float:
+    """Like ``duration_seconds``, but a bad duration is a ``ConfigError`` saying what is expected."""
+    seconds = duration_seconds(text)
+    if seconds is None:
+        raise ConfigError(f"bad duration {text!r}: use a number and a unit (s, m, h, d or w), e.g. 30m, 12h or 7d")
+    return seconds

@@ -11,9 +11,9 @@ import hmac
 from starlette.datastructures import Headers
 
 from app.errors import AuthenticationFailed
-from app.store.repository import hash_key
+from app.store.repository import MASTER_KEY_NAME, hash_key
 
-MASTER = "master"
+MASTER = MASTER_KEY_NAME
 
 
 

@@ -8,6 +8,7 @@ Times are passed in (``now``) from the injected clock.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import hashlib
 import operator
 import re
@@ -15,7 +16,8 @@ import secrets
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
-from sqlalchemy import CursorResult, Table, case, delete, func, insert, or_, select, update
+from sqlalchemy import CursorResult, Integer, Table, case, delete, func, insert, literal_column, or_, select, update
+from sqlalchemy import cast as sql_cast
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -27,8 +29,11 @@ from app.store.models import AccountRow, ClientKeyRow, HealthEventRow, ModelAlia
 from app.store.records import StateChange, UsageRecord, UsageTotals
 
 KEY_PREFIX = "kp-"
+MASTER_KEY_NAME = "master"
+"""The client name recorded for requests made with the master key (``app.api.auth``)."""
 _KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 UpsertResult = Literal["created", "updated", "unchanged"]
+UsageGroup = Literal["account", "key", "model", "day"]
 CONFIG_DISABLED_REASON = "disabled in accounts file"
 
 
@@ -227,6 +232,8 @@ class ClientKeyRepository:
         """Create a key; the plaintext is returned once and only its hash and prefix are stored."""
         if not isinstance(name, str) or not _KEY_NAME.match(name):
             raise ConfigError(f"bad key name {name!r}: use letters, digits, '.', '_' or '-' (max 64)")
+        if name == MASTER_KEY_NAME:
+            raise ConfigError(f"the key name {name!r} is reserved: usage and logs name the master key so")
         if await self._find(name) is not None:
             raise ConfigError(f"a key named {name} already exists (revoked keys keep their name)")
         key = KEY_PREFIX + secrets.token_urlsafe(32)
@@ -303,6 +310,85 @@ class UsageRepository:
             ).where(UsageRow.ts >= since)
         )).one()
         return UsageTotals(*(int(value) for value in row))
+
+    async def report(self, since: float, until: float, by: UsageGroup) -> list[UsageLine]:
+        """One line per account, client key name, model or UTC day (``YYYY-MM-DD``) of the requests with
+        ``since <= ts < until``: days in order, the others busiest first. A request refused before an
+        account was chosen has ``group`` None under ``account``; one on an open gateway, under ``key``."""
+        group = (await self._usage_group(by)).label("grp")
+        rows = await self._session.execute(
+            select(
+                group,
+                func.count(UsageRow.id),
+                func.sum(case((UsageRow.status == 200, 1), else_=0)),
+                func.sum(UsageRow.prompt_tokens),
+                func.sum(UsageRow.completion_tokens),
+                func.sum(UsageRow.latency_ms),
+                func.sum(case((UsageRow.stream, 1), else_=0)),
+            )
+            .where(UsageRow.ts >= since, UsageRow.ts < until)
+            .group_by(group)
+        )
+        lines = [UsageLine(_day(grp) if by == "day" else grp, int(requests), int(ok), int(prompt or 0),
+                           int(completion or 0), float(latency or 0.0), int(streams))
+                 for grp, requests, ok, prompt, completion, latency, streams in rows]
+        if by == "day":
+            return sorted(lines, key=lambda line: line.group or "")
+        return sorted(lines, key=lambda line: (-line.requests, line.group is None, line.group or ""))
+
+    async def _usage_group(self, by: UsageGroup) -> Any:
+        """The column (or, for ``day``, the days since the epoch in UTC) to group by."""
+        if by == "account":
+            return UsageRow.account
+        if by == "key":
+            return UsageRow.client_key
+        if by == "model":
+            return UsageRow.model
+        if by != "day":
+            raise ValueError(f"cannot group usage by {by!r}")
+        # A literal, not a bound parameter, so that PostgreSQL sees the select and the GROUP BY as one expression.
+        days = UsageRow.ts / literal_column("86400")
+        if (await self._session.connection()).dialect.name == "sqlite":
+            return sql_cast(days, Integer)  # truncation is floor for ts >= 0; SQLite's floor() is an optional extra
+        return func.floor(days)  # not CAST: PostgreSQL rounds
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class UsageLine:
+    """The usage of one group (an account, a client key name, a model or a UTC day) over a window."""
+
+    group: str | None
+    requests: int = 0
+    ok: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    latency_ms: float = 0.0  # summed over the requests
+    streams: int = 0
+
+    @property
+    def errors(self) -> int:
+        """Requests that did not end with status 200."""
+        return self.requests - self.ok
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    @property
+    def avg_latency_ms(self) -> float:
+        return self.latency_ms / self.requests if self.requests else 0.0
+
+    @classmethod
+    def total(cls, lines: Sequence[UsageLine]) -> UsageLine:
+        """The sum of ``lines``, with no group."""
+        return cls(None, requests=sum(line.requests for line in lines), ok=sum(line.ok for line in lines),
+                   prompt_tokens=sum(line.prompt_tokens for line in lines),
+                   completion_tokens=sum(line.completion_tokens for line in lines),
+                   latency_ms=sum(line.latency_ms for line in lines), streams=sum(line.streams for line in lines))
+
+
+def _day(days: float) -> str:
+    return dt.datetime.fromtimestamp(int(days) * 86400, dt.UTC).date().isoformat()
 
 
 class HealthRepository:
