@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: setup serve test lint bench profile emulate clean
+.PHONY: setup serve test lint browser bench profile emulate clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +24,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check app tests bench
 	$(VENV)/bin/mypy
 
-test: lint
+# The dashboard's test drives headless Chromium through chromedriver (Debian's packages).
+browser:
+	@(command -v chromium && command -v chromedriver) >/dev/null || \
+		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
+
+test: lint browser
 	$(VENV)/bin/pytest -q
 
 # The benchmark needs wrk (Debian's package) and, for LiteLLM, a second virtualenv it creates itself.

@@ -10,8 +10,7 @@ import json
 import sys
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated, Any
-from urllib.parse import urlsplit, urlunsplit
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -27,14 +26,12 @@ from app.cli_support import human_time as _human_time
 from app.cli_support import in_db as _in_db
 from app.cli_usage import usage
 from app.clock import SystemClock
-from app.config import DEFAULT_DB_URL, Settings, load_accounts_toml, make_account_spec, mask_secret
+from app.config import DEFAULT_DB_URL, Settings, load_accounts_toml, make_account_spec
 from app.errors import ConfigError, KimiPoolError
-from app.kimi_auth import TokenInfo, check_fresh, read_token
+from app.kimi_auth import TokenInfo, check_fresh
 from app.store.db import Database
-from app.store.models import AccountRow, ClientKeyRow
 from app.store.repository import AccountRepository, ClientKeyRepository, import_config
-
-OPERATOR_REASON = "disabled by operator"
+from app.views import OPERATOR_REASON, account_view, key_view
 
 app = typer.Typer(name=PROG, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 accounts_app = typer.Typer(name="accounts", no_args_is_help=True,
@@ -118,7 +115,7 @@ def accounts_list(
     """List the accounts with their state, limits and masked key."""
     rows = _in_db(ctx, lambda session, _now: AccountRepository(session).list())
     now = _state(ctx).clock.time()
-    views = [_account_view(row) for row in rows]
+    views = [account_view(row) for row in rows]
     if as_json:
         typer.echo(json.dumps(views, indent=2, ensure_ascii=False))
         return
@@ -247,7 +244,7 @@ def keys_list(
     """List client API keys (by prefix; the keys themselves are not stored)."""
     rows = _in_db(ctx, lambda session, _now: ClientKeyRepository(session).list())
     now = _state(ctx).clock.time()
-    views = [_key_view(row) for row in rows]
+    views = [key_view(row) for row in rows]
     if as_json:
         typer.echo(json.dumps(views, indent=2))
         return
@@ -289,57 +286,8 @@ def db_upgrade(ctx: typer.Context) -> None:
 # --- plumbing -------------------------------------------------------------------------------------
 
 
-def _account_view(row: AccountRow) -> dict[str, Any]:
-    return {
-        "name": row.name,
-        "kind": row.kind,
-        "enabled": row.enabled,
-        "state": row.state if row.enabled else "disabled",
-        "runtime_state": row.state,
-        "until": row.state_until if row.enabled else None,
-        "reason": row.state_reason if row.enabled else row.disabled_reason,
-        "base_url": _mask_url(row.base_url),
-        "models": list(row.models or ()),
-        "rpm": row.rpm,
-        "tpm": row.tpm,
-        "tpd": row.tpd,
-        "concurrency": row.concurrency,
-        "weight": row.weight,
-        "proxy": _mask_url(row.proxy),
-        "key": mask_secret(row.secret),
-        "token_expires": _token_expires(row),
-        "options": dict(row.options or {}),
-        "config_rev": row.config_rev,
-    }
-
-
-def _token_expires(row: AccountRow) -> float | None:
-    """When a kimi-web account's token lapses (None: another kind, or a token given as env:VAR)."""
-    if row.kind != "kimi-web" or not row.secret or row.secret.startswith("env:"):
-        return None
-    try:
-        return read_token(row.secret).expires_at
-    except ConfigError:
-        return None
-
-
 def _token_expiry(expires_at: float, now: float) -> str:
     return TokenInfo("", expires_at, None).describe(now)
-
-
-def _key_view(row: ClientKeyRow) -> dict[str, Any]:
-    return {"name": row.name, "prefix": row.key_prefix, "created_at": row.created_at,
-            "revoked_at": row.revoked_at}
-
-
-def _mask_url(url: str | None) -> str | None:
-    """Hide credentials in a URL (``http://user:pass@host`` → ``http://***@host``)."""
-    if not url:
-        return url
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url
-    return urlunsplit(parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]))
 
 
 def _fail(message: str, code: int) -> int:

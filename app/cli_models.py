@@ -3,18 +3,19 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.catalogue import BUILTIN_ALIASES, Catalogue
+from app.catalogue import BUILTIN_ALIASES
 from app.cli_support import console as _console
 from app.cli_support import in_db as _in_db
 from app.config import ACCOUNT_KINDS, make_alias
 from app.errors import ConfigError
-from app.store.repository import AccountRepository, AliasRepository
+from app.store.repository import AliasRepository
+from app.views import catalogue_view
 
 models_app = typer.Typer(name="models", no_args_is_help=True,
                          help="The model catalogue: aliases served by accounts of every kind.")
@@ -27,18 +28,7 @@ def models_list(
 ) -> None:
     """Every model name clients may ask for, with the accounts that serve it and under which upstream id."""
 
-    async def read(session: AsyncSession, _now: float) -> list[dict[str, Any]]:
-        catalogue = Catalogue.with_overrides(await AliasRepository(session).list())
-        served: dict[str, list[str]] = {}
-        for row in await AccountRepository(session).list():
-            spec = AccountRepository.to_spec(row)
-            for model, upstream in catalogue.served_by(spec).items():
-                served.setdefault(model, []).append(row.name if upstream == model else f"{row.name} as {upstream}")
-        names = sorted(set(served) | set(catalogue.aliases))
-        return [{"model": name, "alias": dict(catalogue.aliases.get(name, {})) or None,
-                 "accounts": served.get(name, [])} for name in names]
-
-    views = _in_db(ctx, read)
+    views = _in_db(ctx, lambda session, _now: catalogue_view(session))
     if as_json:
         typer.echo(json.dumps(views, indent=2, ensure_ascii=False))
         return

@@ -23,6 +23,8 @@ def serve(
     accounts: Annotated[Path | None, typer.Option(
         metavar="FILE", help="accounts.toml to import (create or update) before serving.")] = None,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    log_format: Annotated[str, typer.Option(
+        help="text, or json for one JSON object per line; each request is logged at info.")] = "text",
     max_wait: Annotated[float, typer.Option(
         min=0, help="Longest a request waits for an account with room (X-Kimi-Pool-Max-Wait may ask less).")]
     = 30.0,
@@ -35,7 +37,8 @@ def serve(
     from app.serve import serve_gateway  # the server stack is imported only by the commands that run it
 
     settings = Settings.from_env(db_url=_state(ctx).db_url, host=host, port=port, accounts_file=accounts,
-                                 log_level=log_level, max_wait=max_wait, max_queue=max_queue)
+                                 log_level=log_level, log_format=log_format, max_wait=max_wait,
+                                 max_queue=max_queue)
     serve_gateway(settings)
 
 

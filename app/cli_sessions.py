@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.table import Table
@@ -13,8 +13,8 @@ from app.cli_support import console as _console
 from app.cli_support import human_time as _human_time
 from app.cli_support import in_db as _in_db
 from app.cli_support import parse_duration as _parse_duration
-from app.store.models import SessionRow
 from app.store.repository import SessionRepository
+from app.views import session_view
 
 sessions_app = typer.Typer(name="sessions", no_args_is_help=True,
                            help="Inspect and purge conversation sessions (which account holds which conversation).")
@@ -36,7 +36,7 @@ def sessions_list(
     """
     rows = _in_db(ctx, lambda session, _now: SessionRepository(session).list(account=account, limit=limit))
     now = _state(ctx).clock.time()
-    views = [_session_view(row, now) for row in rows]
+    views = [session_view(row, now) for row in rows]
     if as_json:
         typer.echo(json.dumps(views, indent=2, ensure_ascii=False))
         return
@@ -64,11 +64,6 @@ def sessions_purge(
     purged = _in_db(ctx, lambda session, now: SessionRepository(session).purge(
         now, None if seconds is None else now - seconds))
     typer.echo(f"purged {purged} session{'' if purged == 1 else 's'}")
-
-
-def _session_view(row: SessionRow, now: float) -> dict[str, Any]:
-    return {"key": row.key, "account": row.account, "chat_id": row.chat_id, "parent_id": row.parent_id,
-            "last_used": row.last_used, "expires_at": row.expires_at, "expired": row.expires_at <= now}
 
 
 def _shorten(key: str, width: int = 40) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import re
 import sys
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,11 +16,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.clock import Clock
 from app.errors import ConfigError
 from app.store.db import Database
+from app.when import duration_seconds
 
 PROG = "kimi-pool"
 _T = TypeVar("_T")
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?)([smhdw])$")
-_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +71,6 @@ def human_time(ts: float | None, now: float) -> str:
         span = f"{seconds // 86400:.0f}d"
     when = datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
     return f"{when} (in {span})" if ts >= now else f"{when} ({span} ago)"
-
-
-def duration_seconds(text: str) -> float | None:
-    """``30m``, ``12h``, ``7d`` (also ``s`` and ``w``) → seconds; None if ``text`` is not such a duration."""
-    match = _DURATION.match(text.strip().lower())
-    return None if match is None else float(match.group(1)) * _UNIT_SECONDS[match.group(2)]
 
 
 def parse_duration(text: str) -> float:

@@ -40,10 +40,12 @@ DEFAULT_MODELS = {
     "kimi-web": ("kimi-k2", "kimi-k2.5", "kimi-k2.5-thinking", "kimi-k2.6", "kimi-k2.6-thinking"),
     "kimi-ai-chat": ("kimi-k2-instruct-0905", "kimi-k2-instruct"),
 }
+LOG_FORMATS = ("text", "json")
 DEFAULT_CONCURRENCY = {"kimi-web": 1}
 """kimi.com answers one reply at a time per user: one live stream per account unless configured."""
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _MODEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+_URL_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@")
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +71,8 @@ class Settings:
     flush_interval: float = 1.0
     cors_origins: tuple[str, ...] = ("*",)
     log_level: str = "info"
+    log_format: str = "text"
+    """``text`` (one line per record, an access line as ``key=value`` pairs) or ``json`` (one object per line)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -89,6 +93,8 @@ class Settings:
             raise ConfigError(f"port must be between 1 and 65535, not {self.port}")
         if self.max_wait < 0 or self.max_queue < 0 or self.default_max_tokens < 1:
             raise ConfigError("max wait and queue depth must not be negative; default max tokens at least 1")
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"bad log format {self.log_format!r}: use {' or '.join(LOG_FORMATS)}")
         if "://" not in self.db_url:
             raise ConfigError(f"database URL {self.db_url!r} is not a URL (e.g. {DEFAULT_DB_URL})")
         if self.master_key is None and not is_loopback(self.host):
@@ -133,32 +139,38 @@ class AccountSpec:
 
 def validate_name(name: str) -> str:
     if not isinstance(name, str) or not _NAME.match(name):
-        raise ConfigError(f"bad account name {name!r}: use letters, digits, '.', '_' or '-' (max 64)")
+        raise ConfigError(f"bad account name {name!r}: use letters, digits, '.', '_' or '-' (max 64)", param="name")
     return name
 
 
-def validate_url(value: str, what: str, schemes: tuple[str, ...] = ("http", "https")) -> str:
-    parts = urlsplit(value) if isinstance(value, str) else None
+def validate_url(value: str, what: str, schemes: tuple[str, ...] = ("http", "https"), *,
+                 param: str | None = None) -> str:
+    """A URL of one of ``schemes`` with a host; the error shows it with any credentials masked."""
+    try:
+        parts = urlsplit(value) if isinstance(value, str) else None
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        parts = None
+    shown = repr(mask_url(value) if isinstance(value, str) else value)
     if parts is None or parts.scheme not in schemes or not parts.hostname:
-        raise ConfigError(f"bad {what} {value!r}: expected a {'/'.join(schemes)} URL with a host")
+        raise ConfigError(f"bad {what} {shown}: expected a {'/'.join(schemes)} URL with a host", param=param)
     try:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError as exc:
-        raise ConfigError(f"bad {what} {value!r}: {exc}") from None
+        raise ConfigError(f"bad {what} {shown}: {exc}", param=param) from None
     return value
 
 
-def validate_limit(name: str, value: Any) -> int | None:
+def validate_limit(name: str, value: Any, *, param: str | None = None) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ConfigError(f"{name} must be a positive whole number, not {value!r}")
+        raise ConfigError(f"{name} must be a positive whole number, not {value!r}", param=param)
     return value
 
 
 def validate_weight(value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"weight must be a positive number, not {value!r}")
+        raise ConfigError(f"weight must be a positive number, not {value!r}", param="weight")
     return float(value)
 
 
@@ -178,30 +190,32 @@ def make_account_spec(
     enabled: bool = True,
     options: Mapping[str, Any] | None = None,
 ) -> AccountSpec:
-    """Validate operator input and build a spec; every problem is one ``ConfigError`` line."""
+    """Validate operator input and build a spec; every problem is one ``ConfigError`` line, whose
+    ``param`` names the field at fault (``secret`` for the credential, an option by its key)."""
     validate_name(name)
-    if kind not in ACCOUNT_KINDS:
-        raise ConfigError(f"account {name}: unknown kind {kind!r} (one of {', '.join(ACCOUNT_KINDS)})")
+    if not isinstance(kind, str) or kind not in ACCOUNT_KINDS:
+        raise ConfigError(f"account {name}: unknown kind {kind!r} (one of {', '.join(ACCOUNT_KINDS)})", param="kind")
     if kind in ("moonshot", "kimi-web") and not secret:
         what = "an API key" if kind == "moonshot" else "a kimi-auth token"
-        raise ConfigError(f"account {name}: kind {kind} needs {what}")
+        raise ConfigError(f"account {name}: kind {kind} needs {what}", param="secret")
     if secret is not None and (not isinstance(secret, str) or secret.strip() != secret or not secret):
-        raise ConfigError(f"account {name}: the secret must be a non-empty string without spaces around it")
+        raise ConfigError(f"account {name}: the secret must be a non-empty string without spaces around it",
+                          param="secret")
     if secret and secret.startswith("env:") and not re.fullmatch(r"env:[A-Za-z_][A-Za-z0-9_]*", secret):
-        raise ConfigError(f"account {name}: bad secret reference {secret!r} (expected env:VARIABLE)")
+        raise ConfigError(f"account {name}: bad secret reference {secret!r} (expected env:VARIABLE)", param="secret")
     if kind == "kimi-web" and secret and not secret.startswith("env:"):
         try:
             read_token(secret)
         except ConfigError as exc:
-            raise ConfigError(f"account {name}: {exc.message}") from None
+            raise ConfigError(f"account {name}: {exc.message}", param="secret") from None
     if base_url is not None:
-        validate_url(base_url, f"base URL for account {name}")
+        validate_url(base_url, f"base URL for account {name}", param="base_url")
     if proxy is not None:
-        validate_url(proxy, f"proxy for account {name}")
+        validate_url(proxy, f"proxy for account {name}", param="proxy")
     if not isinstance(models, list | tuple) or not all(isinstance(m, str) and _MODEL.match(m) for m in models):
-        raise ConfigError(f"account {name}: models must be a list of model ids, not {models!r}")
+        raise ConfigError(f"account {name}: models must be a list of model ids, not {models!r}", param="models")
     if not isinstance(enabled, bool):
-        raise ConfigError(f"account {name}: enabled must be true or false")
+        raise ConfigError(f"account {name}: enabled must be true or false", param="enabled")
     return AccountSpec(
         name=name,
         kind=kind,
@@ -211,10 +225,10 @@ def make_account_spec(
         weight=validate_weight(weight),
         proxy=proxy,
         enabled=enabled,
-        rpm=validate_limit(f"account {name}: rpm", rpm),
-        tpm=validate_limit(f"account {name}: tpm", tpm),
-        tpd=validate_limit(f"account {name}: tpd", tpd),
-        concurrency=validate_limit(f"account {name}: concurrency", concurrency),
+        rpm=validate_limit(f"account {name}: rpm", rpm, param="rpm"),
+        tpm=validate_limit(f"account {name}: tpm", tpm, param="tpm"),
+        tpd=validate_limit(f"account {name}: tpd", tpd, param="tpd"),
+        concurrency=validate_limit(f"account {name}: concurrency", concurrency, param="concurrency"),
         extra=validate_options(name, kind, options or {}),
     )
 
@@ -236,13 +250,13 @@ def validate_options(name: str, kind: str, options: Mapping[str, Any]) -> dict[s
     for key, value in options.items():
         kinds = OPTION_KEYS.get(key)
         if kinds is None:
-            raise ConfigError(f"account {name}: unknown option {key!r}")
+            raise ConfigError(f"account {name}: unknown option {key!r}", param=key)
         if kind not in kinds:
-            raise ConfigError(f"account {name}: option {key} is for {'/'.join(kinds)} accounts, not {kind}")
+            raise ConfigError(f"account {name}: option {key} is for {'/'.join(kinds)} accounts, not {kind}", param=key)
         if key == "max_message_chars":
-            validate_limit(f"account {name}: max_message_chars", value)
+            validate_limit(f"account {name}: max_message_chars", value, param=key)
         elif not isinstance(value, bool):
-            raise ConfigError(f"account {name}: {key} must be true or false")
+            raise ConfigError(f"account {name}: {key} must be true or false", param=key)
         out[key] = value
     return out
 
@@ -270,6 +284,13 @@ def mask_secret(secret: str | None) -> str:
     return f"{secret[:4]}…{secret[-4:]}"
 
 
+def mask_url(url: str | None) -> str | None:
+    """Hide credentials in a URL (``http://user:pass@host`` → ``http://***@host``)."""
+    if not url:
+        return url
+    return _URL_USERINFO.sub(r"\1***@", url)
+
+
 _TOML_KEYS = {
     "name", "kind", "api_key", "token", "secret", "base_url", "models", "rpm", "tpm", "tpd",
     "concurrency", "weight", "proxy", "enabled", *OPTION_KEYS,
@@ -290,13 +311,13 @@ def make_alias(name: Any, targets: Any) -> AliasSpec:
         raise ConfigError(f"bad alias name {name!r}: use letters, digits and . _ : / - (max 128)")
     if not isinstance(targets, Mapping):
         raise ConfigError(f"alias {name}: expected a table of kind = \"upstream model\"")
-    unknown = set(targets) - set(ACCOUNT_KINDS)
+    unknown = sorted(map(str, set(targets) - set(ACCOUNT_KINDS)))
     if unknown:
-        raise ConfigError(f"alias {name}: unknown account kind(s) {', '.join(sorted(map(str, unknown)))} "
-                          f"(one of {', '.join(ACCOUNT_KINDS)})")
+        raise ConfigError(f"alias {name}: unknown account kind(s) {', '.join(unknown)} "
+                          f"(one of {', '.join(ACCOUNT_KINDS)})", param=unknown[0])
     for kind, model in targets.items():
         if not isinstance(model, str) or not _MODEL.match(model):
-            raise ConfigError(f"alias {name}: bad {kind} model id {model!r}")
+            raise ConfigError(f"alias {name}: bad {kind} model id {model!r}", param=kind)
     return AliasSpec(name, dict(sorted(targets.items())))
 
 

@@ -3,13 +3,17 @@
 Before the first event reaches the client, a retryable upstream failure is reported to the pool
 and the request moves to another account, bounded by the number of accounts and a deadline.
 After it, a failure ends the stream (the API renders an error event) and is recorded.
+
+Every finished request becomes a ``UsageRecord`` for the store's write-behind and for the
+observers (metrics, the access log); every failed upstream attempt, failed over or not, is told to
+the observers too. Observers run on the request path: they must be cheap and must not raise.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -39,6 +43,19 @@ class UsageSink(Protocol):
     def put_usage(self, record: UsageRecord) -> None: ...
 
 
+class RequestObserver(Protocol):
+    def finished(self, record: UsageRecord, waited_ms: float | None, first_byte_ms: float | None) -> None:
+        """A request ended. ``waited_ms``: time spent waiting for an account (on the pool's clock), None
+        for a request refused before dispatch; ``first_byte_ms``: when a stream's first events were
+        ready, counted from the start of the request (None for a whole answer, or a stream that never
+        started)."""
+        ...
+
+    def upstream_failed(self, request_id: str, account: str, error: UpstreamError) -> None:
+        """One upstream attempt failed (whether the request then moved to another account or not)."""
+        ...
+
+
 @dataclass(slots=True)
 class RequestContext:
     request_id: str
@@ -50,7 +67,8 @@ class RequestContext:
     started: float = field(default_factory=time.perf_counter)
     account: str | None = None
     attempts: int = 0
-    waited: bool = False
+    waited: float = 0.0
+    """Seconds spent waiting for an account (the admission queue, over all attempts), on the pool's clock."""
     binding: Binding | None = None
     """The session's binding once a lease was taken (None: a one-off request)."""
 
@@ -58,7 +76,7 @@ class RequestContext:
 class Dispatcher:
     def __init__(self, pool: Pool, admission: Admission, sessions: SessionTable, registry: Registry,
                  usage: UsageSink, clock: Clock, *, failover_deadline: float = 60.0,
-                 default_max_tokens: int = 1024) -> None:
+                 default_max_tokens: int = 1024, observers: Sequence[RequestObserver] = ()) -> None:
         self._pool = pool
         self._admission = admission
         self._sessions = sessions
@@ -67,6 +85,7 @@ class Dispatcher:
         self._clock = clock
         self._deadline = failover_deadline
         self._default_max_tokens = default_max_tokens
+        self._observers = tuple(observers)
 
     def check_model(self, model: str) -> None:
         if model not in self._pool.models():
@@ -91,6 +110,8 @@ class Dispatcher:
             if last is None:
                 raise
             raise self._no_account(request.model, last) from None
+        finally:
+            ctx.waited += self._clock.time() - now
         if ctx.session:
             name = lease.account.name
             if binding is None or binding.account != name:
@@ -132,8 +153,9 @@ class Dispatcher:
             self._sessions.set_upstream(binding, thread.chat_id, thread.parent_id, self._clock.time(),
                                         turns=thread.turns)
 
-    def _failed(self, lease: Lease, error: UpstreamError, deadline: float) -> None:
+    def _failed(self, lease: Lease, error: UpstreamError, deadline: float, ctx: RequestContext) -> None:
         self._pool.report(lease.account, error)  # first, so whoever the release wakes sees the new state
+        self._upstream_failed(ctx, lease.account, error)
         lease.release(0)  # a refused request produced no tokens
         if not error.retryable or self._clock.time() > deadline:
             raise error
@@ -154,7 +176,7 @@ class Dispatcher:
                     completion = await self._registry.get(account.kind).complete(
                         account, request, account.upstream_models[request.model], thread)
                 except UpstreamError as error:
-                    self._failed(lease, error, deadline)
+                    self._failed(lease, error, deadline, ctx)
                     last = error
                     continue
                 except BaseException:
@@ -173,6 +195,9 @@ class Dispatcher:
         except asyncio.CancelledError:
             status, outcome = 499, "client_closed"
             raise
+        except Exception:
+            status, outcome = 500, "internal_error"
+            raise
         finally:
             self._record(request, ctx, usage, status, outcome)
 
@@ -187,6 +212,7 @@ class Dispatcher:
         chars = 0
         lease: Lease | None = None
         events: AsyncIterator[Batch] | None = None
+        first_byte: float | None = None
         try:
             while True:
                 lease = await self._lease(request, tried, last, ctx)
@@ -206,9 +232,10 @@ class Dispatcher:
                 events = None
                 failed = lease
                 lease = None
-                self._failed(failed, error, deadline)
+                self._failed(failed, error, deadline, ctx)
                 last = error
             batch: Batch = first
+            first_byte = time.perf_counter()
             while True:
                 for event in batch:
                     if type(event) is Delta:
@@ -229,9 +256,13 @@ class Dispatcher:
             status, outcome = error.status, error.code or error.type
             if lease is not None and isinstance(error, UpstreamError):
                 self._pool.report(lease.account, error)
+                self._upstream_failed(ctx, lease.account, error)
             raise
         except (asyncio.CancelledError, GeneratorExit):
             status, outcome = 499, "client_closed"
+            raise
+        except Exception:
+            status, outcome = 500, "internal_error"
             raise
         finally:
             if events is not None:
@@ -240,11 +271,30 @@ class Dispatcher:
                 usage = Usage(estimate_tokens(request.messages), chars // 4)
             if lease is not None:
                 lease.release(usage.total_tokens)
-            self._record(request, ctx, usage, status, outcome)
+            self._record(request, ctx, usage, status, outcome, first_byte)
+
+    # --- what is told to the store and the observers --------------------------------------------
+
+    def refused(self, request_id: str, client: str | None, model: str | None, stream: bool,
+                error: KimiPoolError, started: float) -> None:
+        """Tell the observers of a request turned away before dispatch (bad key, body or model). The
+        usage table keeps dispatched requests only."""
+        if not self._observers:
+            return
+        record = UsageRecord(
+            ts=self._clock.time(), request_id=request_id, account=None, client_key=client, model=model or "",
+            stream=stream, latency_ms=(time.perf_counter() - started) * 1000.0, status=error.status,
+            outcome=error.code or error.type, attempts=0)
+        for observer in self._observers:
+            observer.finished(record, None, None)
+
+    def _upstream_failed(self, ctx: RequestContext, account: Account, error: UpstreamError) -> None:
+        for observer in self._observers:
+            observer.upstream_failed(ctx.request_id, account.name, error)
 
     def _record(self, request: ChatRequest, ctx: RequestContext, usage: Usage | None, status: int,
-                outcome: str) -> None:
-        self._usage.put_usage(UsageRecord(
+                outcome: str, first_byte: float | None = None) -> None:
+        record = UsageRecord(
             ts=self._clock.time(),
             request_id=ctx.request_id,
             account=ctx.account,
@@ -257,4 +307,10 @@ class Dispatcher:
             status=status,
             outcome=outcome,
             attempts=ctx.attempts,
-        ))
+        )
+        self._usage.put_usage(record)
+        if self._observers:
+            waited_ms = ctx.waited * 1000.0
+            first_byte_ms = None if first_byte is None else (first_byte - ctx.started) * 1000.0
+            for observer in self._observers:
+                observer.finished(record, waited_ms, first_byte_ms)

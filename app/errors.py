@@ -54,6 +54,22 @@ class AuthenticationFailed(KimiPoolError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(KimiPoolError):
+    """The caller is known but may not do this (a client key on the admin API)."""
+
+    status = 403
+    type = "permission_error"
+    code = "permission_denied"
+
+
+class Conflict(KimiPoolError):
+    """The thing to create exists already."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "already_exists"
+
+
 class NotFound(KimiPoolError):
     status = 404
     type = "invalid_request_error"

@@ -1,5 +1,5 @@
 """``create_app``: the ASGI application. Nothing is built at import time; the lifespan builds and
-closes everything (database, write-behind queue, pool, upstream session, sync loop)."""
+closes everything (database, write-behind queue, pool, upstream session, sync loop, metrics)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from app.api.admin import Admin, admin_routes
 from app.api.auth import Authenticator
 from app.api.chat import EXPOSED_HEADERS, ChatCompletions
+from app.api.dashboard import Dashboard
 from app.api.errors import RequestIdMiddleware, handle_http_exception, handle_kimi_pool_error
 from app.api.front import CHAT_PATH, ChatRoute, FrontDoor
 from app.api.ids import Ids
+from app.api.metrics import metrics
 from app.api.models import get_model, list_models
 from app.api.pool_status import pool_status
 from app.api.state import Gateway
@@ -31,6 +34,8 @@ from app.clock import Clock, SystemClock
 from app.config import Settings, load_accounts_toml
 from app.dispatch import Dispatcher
 from app.errors import KimiPoolError
+from app.logs import AccessLog
+from app.metrics import Metrics
 from app.pool.account import Account
 from app.pool.admission import Admission
 from app.pool.scheduler import Pool
@@ -92,14 +97,17 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         async with db.session() as db_session:
             sessions.load(await SessionRepository(db_session).load_active(clock.time()))
         sessions.on_change(writer.put_session)
+        observer, metrics_registry = Metrics.registry(pool, admission, clock)
         dispatcher = Dispatcher(pool, admission, sessions, registry, writer, clock,
                                 failover_deadline=settings.failover_deadline,
-                                default_max_tokens=settings.default_max_tokens)
+                                default_max_tokens=settings.default_max_tokens,
+                                observers=(observer, AccessLog()))
         app.state.gateway = gateway = Gateway(settings, clock, auth, pool, admission, sessions, dispatcher,
-                                              clock.time())
+                                              clock.time(), metrics_registry)
         app.state.chat = ChatCompletions(gateway, ids)
         app.state.writer = writer
         app.state.sync = sync
+        app.state.admin = Admin(gateway, db, registry, sync, writer)
         sync_task = asyncio.create_task(sync.run(settings.sync_interval))
         gc.collect()
         gc.freeze()  # what startup built lives for good: keep it out of every later collection
@@ -120,7 +128,10 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/v1/pool/status", pool_status, methods=["GET"]),
+        Route("/metrics", metrics, methods=["GET"]),
         Route(CHAT_PATH, ChatRoute(), methods=["POST"]),
+        *Dashboard().routes(),  # before the admin API's routes: it serves /admin/usage/series
+        admin_routes(),
     ]
     middleware = [
         Middleware(RequestIdMiddleware, ids=ids),

@@ -9,21 +9,41 @@ import logging
 import signal
 import subprocess
 import sys
+from typing import Any, TextIO
 
 import uvicorn
 from starlette.types import ASGIApp
+from uvicorn.config import LOGGING_CONFIG
 
 from app.config import Settings, load_accounts_toml
 from app.errors import ConfigError
+from app.logs import JsonFormatter
 from app.main import create_app
 
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+QUIET_LOGGERS = ("aiosqlite",)
+"""Libraries kept at INFO even with ``--log-level debug``: aiosqlite logs every statement with its
+bound values at DEBUG, account secrets included."""
 
-def _run(app: ASGIApp, host: str, port: int, log_level: str) -> None:
+
+def configure_logging(level: str, log_format: str, stream: TextIO | None = None) -> None:
+    """Send every log record (kimi-pool's, uvicorn's, the libraries') to ``stream`` (stderr) through one
+    handler on the root logger: ``text`` lines, or one JSON object per line."""
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
+
+
+def _run(app: ASGIApp, host: str, port: int, log_level: str,
+         log_config: dict[str, Any] | None = LOGGING_CONFIG) -> None:
     config = uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
+        log_config=log_config,
         access_log=False,  # one line per request comes from kimi-pool itself, without credentials
         lifespan="on",
         loop="uvloop",
@@ -48,12 +68,13 @@ def serve_gateway(settings: Settings) -> None:
     if settings.accounts_file is not None:
         load_accounts_toml(settings.accounts_file)  # a broken file fails here, in one line, before binding
     migrate_in_child(settings.db_url)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(settings.log_level, settings.log_format)
     # uvicorn handles SIGTERM (stop accepting, let in-flight requests and streams finish, then the
     # lifespan flushes usage and state) and afterwards re-raises the signal to the handler it found:
     # make that handler a no-op, so a clean shutdown ends with exit status 0, not "killed by SIGTERM".
     signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
-    _run(create_app(settings), settings.host, settings.port, settings.log_level)
+    # log_config=None: uvicorn's own records go to the root handler too, in the same format
+    _run(create_app(settings), settings.host, settings.port, settings.log_level, log_config=None)
 
 
 def serve_emulator(app: ASGIApp, host: str, port: int, log_level: str = "warning") -> None:

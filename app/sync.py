@@ -53,6 +53,7 @@ class AccountSync:
         self._clock = clock
         self._generation = 0
         self._loaded = asyncio.Condition()
+        self._loading = asyncio.Lock()
         self._catalogue: Catalogue | None = None
         self._warned: dict[str, float] = {}  # account → the token expiry it was warned about
 
@@ -62,6 +63,12 @@ class AccountSync:
         return self._generation
 
     async def load(self) -> None:
+        """Bring the pool and the client keys in line with the database. Loads run one at a time, so an
+        older read (the periodic tick) can never land after a newer one (an admin API write)."""
+        async with self._loading:
+            await self._load()
+
+    async def _load(self) -> None:
         async with self._db.session() as session:
             rows = await AccountRepository(session).list()
             hashes = await ClientKeyRepository(session).active_hashes()

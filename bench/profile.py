@@ -3,7 +3,8 @@
 Starts the emulator (CPU 0) and ``kimi-pool serve`` (CPU 1), runs wrk for the non-streaming body,
 records the server with py-spy and prints each part's share of the event-loop thread's samples
 (inclusive, so the rows overlap): the scheduler (app/pool), auth, usage recording (dispatch._record, the write-behind
-queue and its inserts), request parsing, the adapter, and the HTTP layers around them.
+queue and its inserts; it includes the metrics and access-log observers, also shown alone), request parsing, the
+adapter, and the HTTP layers around them.
 
     python bench/profile.py [--seconds 8] [--stream]
 """
@@ -23,6 +24,7 @@ PARTS = {
     "scheduler (app/pool)": ("app/pool/",),
     "auth (app/api/auth.py)": ("app/api/auth.py",),
     "usage recording": ("Dispatcher._record", "app/store/writer.py", "app/store/repository.py"),
+    "metrics and access log (app/metrics.py, app/logs.py)": ("app/metrics.py", "app/logs.py"),
     "request parsing and validation": ("app/api/schema.py",),
     "Moonshot adapter (app/upstreams)": ("app/upstreams/",),
     "aiohttp client": ("aiohttp/",),

@@ -147,9 +147,71 @@ async def run_stack(tmp_path: Path, *, keys: list[str] | None = None,
             yield stack
 
 
+async def create_client_key(stack: Stack, name: str, capsys: Any) -> str:
+    """Create a client key with the CLI (which prints it once) and let the server load it."""
+    import re
+
+    from app.cli import run
+
+    assert await asyncio.to_thread(run, ["--db", stack.db_url, "keys", "create", name]) == 0
+    found = re.search(r"kp-[A-Za-z0-9_-]{20,}", capsys.readouterr().out)
+    assert found is not None
+    await reload(stack)
+    return found.group(0)
+
+
 async def reload(stack: Stack) -> None:
     """Let the server's periodic sync pick up what the CLI wrote, by moving the clock, not sleeping."""
     sync = stack.app.state.sync
     generation = sync.generation
     stack.clock.advance(stack.gateway.settings.sync_interval)
     await sync.wait_generation(generation + 1)
+
+
+# --- a real ``kimi-pool serve`` process -------------------------------------------------------------
+
+
+import os  # noqa: E402
+import sys  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def read_until(stream: asyncio.StreamReader, marker: str, seen: list[str]) -> None:
+    """Read the server's log lines until one contains ``marker`` (no polling: each read waits)."""
+    while True:
+        line = (await stream.readline()).decode(errors="replace")
+        if not line:
+            raise AssertionError(f"the server's log ended before {marker!r}:\n{''.join(seen)}")
+        seen.append(line)
+        if marker in line:
+            return
+
+
+@contextlib.asynccontextmanager
+async def gateway_process(tmp_path: Path, emulator_url: str, *args: str) -> AsyncIterator[tuple[
+        asyncio.subprocess.Process, str, list[str]]]:
+    """``kimi-pool serve ARGS`` in a child process, one account on the emulator; yields the process, its
+    URL and the log lines read so far (up to "Application startup complete")."""
+    toml = tmp_path / "accounts.toml"
+    toml.write_text(f'[[accounts]]\nname = "acct-1"\nkind = "moonshot"\napi_key = "sk-emu-0001"\n'
+                    f'base_url = "{emulator_url}/v1"\n')
+    port = free_port()
+    env = {**os.environ, "KIMI_POOL_MASTER_KEY": MASTER_KEY}
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app", "--db", f"sqlite+aiosqlite:///{tmp_path}/kimi-pool.db", "serve",
+        "--port", str(port), "--accounts", str(toml), *args,
+        stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL, env=env)
+    assert process.stderr is not None
+    log: list[str] = []
+    try:
+        await asyncio.wait_for(read_until(process.stderr, "Application startup complete", log), 60)
+        yield process, f"http://127.0.0.1:{port}", log
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()

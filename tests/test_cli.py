@@ -311,6 +311,7 @@ def test_serve_refuses_a_public_address_without_a_key(cli: Cli, monkeypatch: pyt
 @pytest.mark.parametrize(("args", "message"), [
     (["serve", "--accounts", "/nonexistent/accounts.toml"], "cannot read /nonexistent/accounts.toml"),
     (["serve", "--log-level", "loud"], "bad log level 'loud'"),
+    (["serve", "--log-format", "xml"], "bad log format 'xml': use text or json"),
 ])
 def test_serve_and_emulate_misuse_is_one_line(cli: Cli, args: list[str], message: str) -> None:
     assert message in cli.fails(*args)

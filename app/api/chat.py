@@ -8,6 +8,7 @@ OpenAI objects), which measured ~35% of a request's CPU when it went through Sta
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -86,10 +87,11 @@ class ChatCompletions:
         return min(seconds, ceiling)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
         request_id = self._ids.request_id(header(scope, b"x-request-id"))
         headers = self._common_headers(scope, request_id)
         try:
-            await self._handle(scope, receive, send, request_id, headers)
+            await self._handle(scope, receive, send, request_id, headers, started)
         except KimiPoolError as error:
             await _send_json(send, error.status, orjson.dumps(error.body()),
                              headers + [(k.lower().encode(), v.encode()) for k, v in error.headers().items()])
@@ -98,14 +100,21 @@ class ChatCompletions:
             await _send_json(send, 500, orjson.dumps(internal_error(request_id).body()), headers)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str,
-                      headers: list[tuple[bytes, bytes]]) -> None:
+                      headers: list[tuple[bytes, bytes]], started: float) -> None:
         gateway = self._gateway
-        client = gateway.auth.authenticate(Headers(scope=scope))
-        raw = await read_body(receive, header(scope, b"content-length"), gateway.settings.max_body_bytes)
-        chat = parse_chat_request(parse_json(raw))
-        gateway.dispatcher.check_model(chat.model)
-        ctx = RequestContext(request_id, client, max_wait=self._max_wait(scope),
-                             session=_conversation(scope, chat, client))
+        client = chat = None
+        try:
+            client = gateway.auth.authenticate(Headers(scope=scope))
+            raw = await read_body(receive, header(scope, b"content-length"), gateway.settings.max_body_bytes)
+            chat = parse_chat_request(parse_json(raw))
+            gateway.dispatcher.check_model(chat.model)
+            max_wait = self._max_wait(scope)
+        except KimiPoolError as error:  # turned away at the door: still one request for metrics and the log
+            gateway.dispatcher.refused(request_id, client, chat.model if chat else None,
+                                       chat.stream if chat else False, error, started)
+            raise
+        ctx = RequestContext(request_id, client, max_wait=max_wait, session=_conversation(scope, chat, client),
+                             started=started)
         completion_id = self._ids.completion_id()
         now = gateway.clock.time()
         created = int(now)

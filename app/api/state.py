@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry
+
 from app.api.auth import Authenticator
 from app.clock import Clock
 from app.config import Settings
@@ -23,3 +25,4 @@ class Gateway:
     sessions: SessionTable
     dispatcher: Dispatcher
     started_at: float
+    metrics: CollectorRegistry

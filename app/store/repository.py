@@ -34,6 +34,7 @@ MASTER_KEY_NAME = "master"
 _KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 UpsertResult = Literal["created", "updated", "unchanged"]
 UsageGroup = Literal["account", "key", "model", "day"]
+SeriesGroup = Literal["account", "key", "model"]
 CONFIG_DISABLED_REASON = "disabled in accounts file"
 
 
@@ -317,21 +318,11 @@ class UsageRepository:
         account was chosen has ``group`` None under ``account``; one on an open gateway, under ``key``."""
         group = (await self._usage_group(by)).label("grp")
         rows = await self._session.execute(
-            select(
-                group,
-                func.count(UsageRow.id),
-                func.sum(case((UsageRow.status == 200, 1), else_=0)),
-                func.sum(UsageRow.prompt_tokens),
-                func.sum(UsageRow.completion_tokens),
-                func.sum(UsageRow.latency_ms),
-                func.sum(case((UsageRow.stream, 1), else_=0)),
-            )
+            select(group, *_line_columns())
             .where(UsageRow.ts >= since, UsageRow.ts < until)
             .group_by(group)
         )
-        lines = [UsageLine(_day(grp) if by == "day" else grp, int(requests), int(ok), int(prompt or 0),
-                           int(completion or 0), float(latency or 0.0), int(streams))
-                 for grp, requests, ok, prompt, completion, latency, streams in rows]
+        lines = [_line(_day(grp) if by == "day" else grp, numbers) for grp, *numbers in rows]
         if by == "day":
             return sorted(lines, key=lambda line: line.group or "")
         return sorted(lines, key=lambda line: (-line.requests, line.group is None, line.group or ""))
@@ -346,11 +337,57 @@ class UsageRepository:
             return UsageRow.model
         if by != "day":
             raise ValueError(f"cannot group usage by {by!r}")
+        return await self._buckets(86400)
+
+    async def series(self, since: float, until: float, step: int, by: SeriesGroup) -> list[SeriesPoint]:
+        """The usage of ``since <= ts < until`` per account, client key name or model and per ``step``
+        seconds, in one GROUP BY: a point for each group and bucket that saw a request, the bucket named
+        by its start (a multiple of ``step`` seconds since the epoch); in time order, then by group."""
+        if not isinstance(step, int) or step < 1:
+            raise ValueError(f"a series step is a whole number of seconds >= 1, not {step!r}")
+        group = (await self._usage_group(by)).label("grp")
+        bucket = (await self._buckets(step)).label("bucket")
+        rows = await self._session.execute(
+            select(group, bucket, *_line_columns())
+            .where(UsageRow.ts >= since, UsageRow.ts < until)
+            .group_by(group, bucket)
+        )
+        points: list[SeriesPoint] = [(int(start) * step, _line(grp, numbers)) for grp, start, *numbers in rows]
+        return sorted(points, key=lambda point: (point[0], point[1].group is None, point[1].group or ""))
+
+    async def failures(self, since: float, limit: int = 20) -> Sequence[UsageRow]:
+        """The latest requests since ``since`` that did not end with status 200, newest first. (The
+        window bounds the rows read, walking the ``ts`` index back from now.)"""
+        return (await self._session.scalars(
+            select(UsageRow).where(UsageRow.ts >= since, UsageRow.status != 200)
+            .order_by(UsageRow.ts.desc(), UsageRow.id.desc()).limit(limit)
+        )).all()
+
+    async def _buckets(self, step: int) -> Any:
+        """``floor(ts / step)``: the number of the ``step``-second bucket since the epoch a request is in."""
         # A literal, not a bound parameter, so that PostgreSQL sees the select and the GROUP BY as one expression.
-        days = UsageRow.ts / literal_column("86400")
+        buckets = UsageRow.ts / literal_column(str(int(step)))
         if (await self._session.connection()).dialect.name == "sqlite":
-            return sql_cast(days, Integer)  # truncation is floor for ts >= 0; SQLite's floor() is an optional extra
-        return func.floor(days)  # not CAST: PostgreSQL rounds
+            return sql_cast(buckets, Integer)  # truncation is floor for ts >= 0; SQLite's floor() is an optional extra
+        return func.floor(buckets)  # not CAST: PostgreSQL rounds
+
+
+def _line_columns() -> tuple[Any, ...]:
+    """What a ``UsageLine`` sums, as the columns of a grouped select (``_line`` reads them back)."""
+    return (
+        func.count(UsageRow.id),
+        func.sum(case((UsageRow.status == 200, 1), else_=0)),
+        func.sum(UsageRow.prompt_tokens),
+        func.sum(UsageRow.completion_tokens),
+        func.sum(UsageRow.latency_ms),
+        func.sum(case((UsageRow.stream, 1), else_=0)),
+    )
+
+
+def _line(group: str | None, numbers: Sequence[Any]) -> UsageLine:
+    requests, ok, prompt, completion, latency, streams = numbers
+    return UsageLine(group, int(requests), int(ok), int(prompt or 0), int(completion or 0), float(latency or 0.0),
+                     int(streams))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -385,6 +422,10 @@ class UsageLine:
                    prompt_tokens=sum(line.prompt_tokens for line in lines),
                    completion_tokens=sum(line.completion_tokens for line in lines),
                    latency_ms=sum(line.latency_ms for line in lines), streams=sum(line.streams for line in lines))
+
+
+SeriesPoint = tuple[int, UsageLine]
+"""One point of a usage series: the start of its bucket (seconds since the epoch) and the usage in it."""
 
 
 def _day(days: float) -> str:
