@@ -30,6 +30,8 @@ def serve(
     = 30.0,
     max_queue: Annotated[int, typer.Option(min=0, help="Most requests waiting at once; beyond, 429 at once.")]
     = 1000,
+    shutdown_grace: Annotated[int, typer.Option(
+        min=1, max=3600, help="After SIGTERM, seconds in-flight requests and streams may take to finish.")] = 30,
 ) -> None:
     """Serve the OpenAI-compatible gateway. The database is migrated to the current schema first."""
     if log_level not in ("debug", "info", "warning", "error"):
@@ -38,7 +40,7 @@ def serve(
 
     settings = Settings.from_env(db_url=_state(ctx).db_url, host=host, port=port, accounts_file=accounts,
                                  log_level=log_level, log_format=log_format, max_wait=max_wait,
-                                 max_queue=max_queue)
+                                 max_queue=max_queue, shutdown_grace=float(shutdown_grace))
     serve_gateway(settings)
 
 

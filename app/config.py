@@ -71,6 +71,8 @@ class Settings:
     flush_interval: float = 1.0
     cors_origins: tuple[str, ...] = ("*",)
     log_level: str = "info"
+    shutdown_grace: float = 30.0
+    """After SIGTERM: how long in-flight requests and streams may take before the server stops."""
     log_format: str = "text"
     """``text`` (one line per record, an access line as ``key=value`` pairs) or ``json`` (one object per line)."""
 

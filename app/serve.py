@@ -37,7 +37,7 @@ def configure_logging(level: str, log_format: str, stream: TextIO | None = None)
 
 
 def _run(app: ASGIApp, host: str, port: int, log_level: str,
-         log_config: dict[str, Any] | None = LOGGING_CONFIG) -> None:
+         log_config: dict[str, Any] | None = LOGGING_CONFIG, grace: float = 30.0) -> None:
     config = uvicorn.Config(
         app,
         host=host,
@@ -48,7 +48,7 @@ def _run(app: ASGIApp, host: str, port: int, log_level: str,
         lifespan="on",
         loop="uvloop",
         http="httptools",
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=int(grace) or None,  # after SIGTERM: how long in-flight requests may finish
         server_header=False,
     )
     uvicorn.Server(config).run()
@@ -74,7 +74,8 @@ def serve_gateway(settings: Settings) -> None:
     # make that handler a no-op, so a clean shutdown ends with exit status 0, not "killed by SIGTERM".
     signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
     # log_config=None: uvicorn's own records go to the root handler too, in the same format
-    _run(create_app(settings), settings.host, settings.port, settings.log_level, log_config=None)
+    _run(create_app(settings), settings.host, settings.port, settings.log_level, log_config=None,
+         grace=settings.shutdown_grace)
 
 
 def serve_emulator(app: ASGIApp, host: str, port: int, log_level: str = "warning") -> None:
