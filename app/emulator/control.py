@@ -15,7 +15,7 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, Self
 
 import orjson
 from starlette.requests import Request
@@ -171,6 +171,42 @@ class Gate:
         if event is not None:
             event.set()
         return released
+
+
+class Controls:
+    """What every emulator offers its tests and its control routes: scripted outcomes, answers held
+    at a gate, and ``wait_for`` on its state. Emulators subclass it and call ``_notify`` whenever
+    their state changes. ``keyless``: the upstream has no credential, so every script goes to the
+    one any-credential queue whatever key is named."""
+
+    def __init__(self, kinds: OutcomeKinds, *, keyless: bool = False) -> None:
+        self.scripts = ScriptBook(kinds)
+        self._notifier = Notifier()
+        self.gate = Gate(self._notify)
+        self._keyless = keyless
+
+    def script(self, key: str | None, outcomes: list[dict[str, Any]]) -> int:
+        """Queue outcomes for ``key`` (None: any credential), played one per request, FIFO."""
+        queued = self.scripts.add(None if self._keyless else key, outcomes)
+        self._notify()
+        return queued
+
+    def release(self) -> int:
+        """Let every answer held at the gate go on; returns how many were held."""
+        released = self.gate.release()
+        self._notify()
+        return released
+
+    @property
+    def held(self) -> int:
+        return self.gate.held
+
+    async def wait_for(self, predicate: Callable[[Self], bool], timeout: float = 5.0) -> None:
+        """Return once ``predicate(self)`` holds, re-checked on every state change."""
+        await self._notifier.wait_for(lambda: predicate(self), timeout)
+
+    def _notify(self) -> None:
+        self._notifier.notify()
 
 
 class Controllable(Protocol):

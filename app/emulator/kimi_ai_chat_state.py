@@ -16,12 +16,12 @@ import dataclasses
 import hashlib
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from app.clock import Clock
-from app.emulator.control import Gate, Notifier, Outcome, OutcomeKinds, Param, ScriptBook
+from app.emulator.control import Controls, Outcome, OutcomeKinds, Param
 from app.emulator.windows import SlidingWindow
 
 ACTION = "kimi_send_message"
@@ -191,7 +191,7 @@ class KimiAiChatStats:
             setattr(self, f.name, getattr(fresh, f.name))
 
 
-class KimiAiChatEmulator:
+class KimiAiChatEmulator(Controls):
     """The emulator's whole state (``app.state.emulator``).
 
     The site has no credentials, so scripts go to the one shared queue whatever ``key`` is given.
@@ -200,11 +200,9 @@ class KimiAiChatEmulator:
     """
 
     def __init__(self, config: KimiAiChatEmulatorConfig, clock: Clock) -> None:
+        super().__init__(OUTCOME_KINDS, keyless=True)
         self.config = config
         self.clock = clock
-        self.scripts = ScriptBook(OUTCOME_KINDS)
-        self._notifier = Notifier()
-        self.gate = Gate(self._notify)
         self.stats = KimiAiChatStats()
         self._salt = config.nonce_seed if config.nonce_seed is not None else os.urandom(8).hex()
         self._offset = 0
@@ -246,29 +244,6 @@ class KimiAiChatEmulator:
         return self.current_nonce
 
     # --- in-process control ----------------------------------------------------------------------
-
-    def script(self, key: str | None, outcomes: list[dict[str, Any]]) -> int:
-        """Queue outcomes (``key`` is ignored), played one per ajax request, FIFO."""
-        queued = self.scripts.add(None, outcomes)
-        self._notify()
-        return queued
-
-    def release(self) -> int:
-        """Let every request held by a ``hold`` outcome be answered; returns how many were held."""
-        released = self.gate.release()
-        self._notify()
-        return released
-
-    @property
-    def held(self) -> int:
-        return self.gate.held
-
-    async def wait_for(self, predicate: Callable[[KimiAiChatEmulator], bool], timeout: float = 5.0) -> None:
-        """Return once ``predicate(self)`` holds, re-checked on every state change."""
-        await self._notifier.wait_for(lambda: predicate(self), timeout)
-
-    def _notify(self) -> None:
-        self._notifier.notify()
 
     def knobs(self) -> dict[str, Any]:
         """The runtime knobs as JSON-ready data (``models`` as a list)."""

@@ -25,7 +25,7 @@ import orjson
 
 from app.clock import Clock
 from app.emulator import kimi_web_wire as wire
-from app.emulator.control import Gate, Notifier, Outcome, ScriptBook
+from app.emulator.control import Controls, Outcome
 from app.emulator.kimi_web_config import (
     EMULATOR_JWT_SECRET,
     OUTCOME_KINDS,
@@ -235,7 +235,7 @@ def _page(body: Mapping[str, Any], default: int) -> tuple[int, int]:
 # --- the emulator --------------------------------------------------------------------------------
 
 
-class KimiWebEmulator:
+class KimiWebEmulator(Controls):
     """The emulator's whole state (``app.state.emulator``).
 
     ``chats`` maps chat id → ``Chat``; ``stats`` holds live counters in total and per user;
@@ -244,11 +244,9 @@ class KimiWebEmulator:
     """
 
     def __init__(self, config: KimiWebEmulatorConfig, clock: Clock) -> None:
+        super().__init__(OUTCOME_KINDS)
         self.config = config
         self.clock = clock
-        self.scripts = ScriptBook(OUTCOME_KINDS)
-        self._notifier = Notifier()
-        self.gate = Gate(self._notify)
         self.stats = KimiWebStats(users={user: StreamCounters() for user in config.users})
         self.chats: dict[str, Chat] = {}
         self._users = frozenset(config.users)
@@ -282,29 +280,6 @@ class KimiWebEmulator:
         else:
             self._revoked_tokens.add(token_or_user)
         self._notify()
-
-    def script(self, key: str | None, outcomes: list[dict[str, Any]]) -> int:
-        """Queue outcomes for ``key`` (a token; None: any), played one per Chat request, FIFO."""
-        queued = self.scripts.add(key, outcomes)
-        self._notify()
-        return queued
-
-    def release(self) -> int:
-        """Let every stream held by a ``hold_after`` outcome go on; returns how many were held."""
-        released = self.gate.release()
-        self._notify()
-        return released
-
-    @property
-    def held(self) -> int:
-        return self.gate.held
-
-    async def wait_for(self, predicate: Callable[[KimiWebEmulator], bool], timeout: float = 5.0) -> None:
-        """Return once ``predicate(self)`` holds, re-checked on every state change."""
-        await self._notifier.wait_for(lambda: predicate(self), timeout)
-
-    def _notify(self) -> None:
-        self._notifier.notify()
 
     def knobs(self) -> dict[str, Any]:
         return {name: getattr(self.config, name) for name in RUNTIME_KNOBS}

@@ -12,7 +12,7 @@ import copy
 import hashlib
 import math
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,7 +20,7 @@ import orjson
 
 from app.clock import Clock
 from app.emulator import moonshot_wire as wire
-from app.emulator.control import Gate, Notifier, Outcome, OutcomeKinds, Param, ScriptBook
+from app.emulator.control import Controls, Outcome, OutcomeKinds, Param
 from app.emulator.moonshot_config import (
     RUNTIME_KNOBS,
     MoonshotEmulatorConfig,
@@ -105,7 +105,7 @@ class Ticket:
     """Extra response headers (``X-RateLimit-*`` when that knob is on)."""
 
 
-class MoonshotEmulator:
+class MoonshotEmulator(Controls):
     """The emulator's whole state (``app.state.emulator``).
 
     It works on its own copy of the configuration: change knobs and organizations at runtime with
@@ -114,11 +114,9 @@ class MoonshotEmulator:
     """
 
     def __init__(self, config: MoonshotEmulatorConfig, clock: Clock) -> None:
+        super().__init__(OUTCOME_KINDS)
         self.config = copy.deepcopy(config)
         self.clock = clock
-        self.scripts = ScriptBook(OUTCOME_KINDS)
-        self.gate = Gate(self._notify)
-        self._notifier = Notifier()
         self._initial = {name: (org.balance, org.suspended) for name, org in self.config.orgs.items()}
         self.stats = MoonshotStats({k: Counters() for k in self.config.keys},
                                    {o: Counters() for o in self.config.orgs}, Counters())
@@ -132,29 +130,6 @@ class MoonshotEmulator:
         self.fingerprint = "fpv0_" + os.urandom(4).hex()
 
     # --- in-process control ----------------------------------------------------------------------
-
-    def script(self, key: str | None, outcomes: list[dict[str, Any]]) -> int:
-        """Queue outcomes for ``key`` (None: any key), played one per chat request, FIFO."""
-        queued = self.scripts.add(key, outcomes)
-        self._notify()
-        return queued
-
-    def release(self) -> int:
-        """Let every stream held by a ``hold_after`` outcome go on; returns how many were held."""
-        released = self.gate.release()
-        self._notify()
-        return released
-
-    @property
-    def held(self) -> int:
-        return self.gate.held
-
-    async def wait_for(self, predicate: Callable[[MoonshotEmulator], bool], timeout: float = 5.0) -> None:
-        """Return once ``predicate(self)`` holds, re-checked on every state change."""
-        await self._notifier.wait_for(lambda: predicate(self), timeout)
-
-    def _notify(self) -> None:
-        self._notifier.notify()
 
     def snapshot(self) -> dict[str, Any]:
         now = self.clock.time()
