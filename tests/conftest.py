@@ -56,30 +56,6 @@ from app.main import create_app  # noqa: E402
 MASTER_KEY = "test-master-key-0123456789"
 
 
-@dataclasses.dataclass
-class Stack:
-    url: str
-    emulator_url: str
-    app: FrontDoor
-    emulator: MoonshotEmulator
-    clock: ManualClock
-    db_url: str
-    tmp_path: Path
-    clients: list[openai.AsyncOpenAI] = dataclasses.field(default_factory=list)
-
-    @property
-    def gateway(self) -> GatewayState:
-        return self.app.state.gateway  # type: ignore[no-any-return]
-
-    def client(self, api_key: str = MASTER_KEY, **kw: Any) -> openai.AsyncOpenAI:
-        client = openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, **kw)
-        self.clients.append(client)
-        return client
-
-    def http(self) -> httpx.AsyncClient:
-        return httpx.AsyncClient(base_url=self.url, timeout=10)
-
-
 def accounts_toml(emulator_url: str, keys: list[str], **extra: Any) -> str:
     lines = []
     for i, key in enumerate(keys, start=1):
@@ -108,6 +84,18 @@ class Gateway:
         client = openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=api_key, max_retries=0, **kw)
         self.clients.append(client)
         return client
+
+
+@dataclasses.dataclass(kw_only=True)
+class Stack(Gateway):
+    """The Moonshot emulator and kimi-pool (``run_stack``)."""
+
+    emulator_url: str
+    emulator: MoonshotEmulator
+    tmp_path: Path
+
+    def http(self) -> httpx.AsyncClient:
+        return httpx.AsyncClient(base_url=self.url, timeout=10)
 
 
 @contextlib.asynccontextmanager
@@ -142,8 +130,9 @@ async def run_stack(tmp_path: Path, *, keys: list[str] | None = None,
     async with serve(emulator_app) as emulator_url:
         toml = accounts_toml(emulator_url, keys or sorted(config.keys), **(account_extra or {}))
         async with run_gateway(tmp_path, toml, clock=clock, settings=settings) as gateway:
-            stack = Stack(gateway.url, emulator_url, gateway.app, emulator_app.state.emulator, clock,
-                          gateway.db_url, tmp_path, gateway.clients)
+            stack = Stack(url=gateway.url, app=gateway.app, clock=clock, db_url=gateway.db_url,
+                          clients=gateway.clients, emulator_url=emulator_url, emulator=emulator_app.state.emulator,
+                          tmp_path=tmp_path)
             yield stack
 
 
@@ -160,7 +149,7 @@ async def create_client_key(stack: Stack, name: str, capsys: Any) -> str:
     return found.group(0)
 
 
-async def reload(stack: Stack) -> None:
+async def reload(stack: Gateway) -> None:
     """Let the server's periodic sync pick up what the CLI wrote, by moving the clock, not sleeping."""
     sync = stack.app.state.sync
     generation = sync.generation

@@ -265,7 +265,7 @@ async def test_a_migrated_session_replays_its_transcript_into_a_new_chat(tmp_pat
         [holder] = sessions.for_account("web-1") + sessions.for_account("web-2")
         other = "web-2" if holder.account == "web-1" else "web-1"
         assert await cli(stack.gateway.db_url, "accounts", "disable", holder.account) == 0
-        await reload(stack.gateway)  # type: ignore[arg-type]
+        await reload(stack.gateway)
         messages.append({"role": "user", "content": "question 3"})
         answer = await client.chat.completions.create(model=MODEL, messages=messages,  # type: ignore[arg-type]
                                                       extra_headers=headers)

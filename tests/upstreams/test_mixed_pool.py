@@ -49,7 +49,7 @@ async def test_a_mixed_pool_of_all_three_kinds_serves_one_alias(tmp_path: Path) 
         # an alias made with the CLI reaches the running server
         assert await cli(gateway.db_url, "models", "alias", "house", "--moonshot", "kimi-k2-turbo-preview",
                          "--kimi-ai-chat", "kimi-k2-instruct") == 0
-        await reload(gateway)  # type: ignore[arg-type]
+        await reload(gateway)
         served = await asyncio.gather(*(client.chat.completions.with_raw_response.create(
             model="house", messages=[{"role": "user", "content": "hi"}]) for _ in range(2)))
         assert sorted(r.headers["x-kimi-pool-account"] for r in served) == ["c", "m"]
