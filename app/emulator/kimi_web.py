@@ -36,7 +36,8 @@ from app.emulator.asgi import (
 )
 from app.emulator.control import control_routes
 from app.emulator.kimi_web_config import EMULATOR_JWT_SECRET, OUTCOME_KINDS, KimiWebEmulatorConfig, mint_jwt
-from app.emulator.kimi_web_state import Answer, Chat, KimiWebEmulator, KimiWebStats, Message, StreamCounters, Ticket
+from app.emulator.kimi_web_records import Answer, Chat, KimiWebStats, Message, StreamCounters, Ticket
+from app.emulator.kimi_web_state import KimiWebEmulator
 
 __all__ = [
     "EMULATOR_JWT_SECRET",

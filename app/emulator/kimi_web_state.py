@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
 from typing import Any
 
 import jwt
@@ -32,205 +31,24 @@ from app.emulator.kimi_web_config import (
     RUNTIME_KNOBS,
     Claims,
     KimiWebEmulatorConfig,
-    is_count,
     is_number,
     mint_jwt,
 )
+from app.emulator.kimi_web_records import (
+    Answer,
+    Ask,
+    Chat,
+    KimiWebStats,
+    Message,
+    StreamCounters,
+    Ticket,
+    error_answer,
+    get_field,
+    page_of,
+    parse_chat,
+    zero_counters,
+)
 from app.emulator.windows import SlidingWindow
-
-# --- chats ---------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Message:
-    id: str
-    parent_id: str
-    role: str
-    content: str
-    scenario: str
-    status: str
-    created: float
-    think: str = ""
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def to_wire(self) -> dict[str, Any]:
-        """As ``ListMessages`` returns it."""
-        blocks = []
-        if self.think:
-            blocks.append({"id": "0", "think": {"content": self.think}})
-        if self.content:
-            blocks.append({"id": "1", "text": {"content": self.content}})
-        return {"id": self.id, "parentId": self.parent_id, "role": self.role, "status": self.status,
-                "scenario": self.scenario, "createTime": wire.iso(self.created), "blocks": blocks}
-
-
-@dataclass(slots=True)
-class Chat:
-    id: str
-    owner: str
-    created: float
-    name: str = ""
-    messages: list[Message] = field(default_factory=list)
-    activity: int = 0
-    """When the chat last had a turn, as a sequence number: ``ListChats`` shows the latest first."""
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"id": self.id, "owner": self.owner, "name": self.name, "created": self.created,
-                "messages": [message.to_dict() for message in self.messages]}
-
-
-# --- counters ------------------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class StreamCounters:
-    """Chat counters, kept per user and in total."""
-
-    chat_requests: int = 0
-    """Chat requests seen, whatever their answer (per user: those whose token names the user)."""
-    by_code: dict[str, int] = field(default_factory=dict)
-    """How answers ended, by Connect code: ``ok`` for a clean end-of-stream, else the error's code
-    however it was signalled (end-of-stream frame, HTTP status, or a ``status``-mode usage limit).
-    Answers with no end at all are counted in ``dropped`` and ``client_disconnects`` instead."""
-    in_flight: int = 0
-    peak_in_flight: int = 0
-    turns: int = 0
-    """Turns admitted (and charged to the quota)."""
-    completed_streams: int = 0
-    """Replies delivered in full: ``done`` and a clean end-of-stream frame."""
-    dropped: int = 0
-    """Streams the emulator cut on purpose (``drop_after``, ``drop_before_end``)."""
-    client_disconnects: int = 0
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    def count(self, code: str) -> None:
-        self.by_code[code] = self.by_code.get(code, 0) + 1
-
-
-@dataclass(slots=True)
-class KimiWebStats(StreamCounters):
-    """Totals (the inherited fields), the unary calls, and ``users``: the same counters per user."""
-
-    chats_created: int = 0
-    chats_deleted: int = 0
-    delete_calls: int = 0
-    """DeleteChat and BatchDeleteChats calls, whatever their answer."""
-    list_calls: int = 0
-    """ListChats and ListMessages calls."""
-    subscription_calls: int = 0
-    users: dict[str, StreamCounters] = field(default_factory=dict)
-
-
-def _zero(counters: StreamCounters) -> None:
-    """Reset every counter but ``in_flight`` (the present, not history)."""
-    for spec in dataclasses.fields(counters):
-        if spec.name in ("in_flight", "users"):
-            continue
-        value = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
-        setattr(counters, spec.name, value)
-    counters.peak_in_flight = counters.in_flight
-
-
-# --- answers and tickets -------------------------------------------------------------------------
-
-
-@dataclass(slots=True)
-class Answer:
-    """An immediate answer: an HTTP error or unary body, or (``stream``) a lone end-of-stream frame."""
-
-    status: int
-    body: bytes
-    headers: wire.Headers = wire.JSON_HEADERS
-    stream: bool = False
-
-
-@dataclass(slots=True)
-class Ticket:
-    """An admitted turn: counted in flight; its chat and both messages are recorded."""
-
-    user: str
-    chat: Chat
-    new_chat: bool
-    question: Message
-    reply: Message
-    think: list[str]
-    text: list[str]
-    outcome: Outcome | None
-    limited: bool
-    """The usage limit answered through the message status: canned text, failed status."""
-    name: str
-    """The chat's automatic name, sent after the first turn."""
-
-
-@dataclass(slots=True)
-class _Ask:
-    scenario: str
-    prompt: str
-    thinking: bool
-    chat_id: str
-    parent_id: str
-
-
-def _camel(name: str) -> str:
-    head, *rest = name.split("_")
-    return head + "".join(part.title() for part in rest)
-
-
-def _get(body: Mapping[str, Any], name: str) -> Any:
-    """A request field by its proto name or its JSON (camelCase) name, as protojson accepts both."""
-    return body[name] if name in body else body.get(_camel(name))
-
-
-def _parse_chat(body: Any) -> tuple[str, _Ask | None]:
-    """(problem, None) or ("", the request's parts)."""
-    if not isinstance(body, dict):
-        return "the request must be a JSON object", None
-    scenario = body.get("scenario")
-    if scenario not in wire.SCENARIOS:
-        return f"unknown scenario {scenario!r}; expected one of {', '.join(wire.SCENARIOS)}", None
-    message = body.get("message")
-    if not isinstance(message, dict):
-        return "message is required", None
-    blocks = message.get("blocks")
-    first = blocks[0] if isinstance(blocks, list) and blocks else None
-    text = first.get("text") if isinstance(first, dict) else None
-    prompt = text.get("content") if isinstance(text, dict) else None
-    if not isinstance(prompt, str) or not prompt.strip():
-        return "message.blocks[0].text.content must be a non-empty string", None
-    options = body.get("options")
-    if options is not None and not isinstance(options, dict):
-        return "options must be an object", None
-    thinking = (options or {}).get("thinking")
-    if thinking is not None and not isinstance(thinking, bool):
-        return "options.thinking must be a boolean", None
-    chat_id = _get(body, "chat_id")
-    parent_id = _get(message, "parent_id")
-    for name, value in (("chat_id", chat_id), ("message.parent_id", parent_id)):
-        if value is not None and not isinstance(value, str):
-            return f"{name} must be a string", None
-    if parent_id and not chat_id:
-        return "message.parent_id needs the chat_id of its chat", None
-    return "", _Ask(scenario, prompt, bool(thinking), chat_id or "", parent_id or "")
-
-
-def _page(body: Mapping[str, Any], default: int) -> tuple[int, int]:
-    """(offset, size) from ``page_token`` and ``page_size``; ``ValueError`` when they are malformed."""
-    size = _get(body, "page_size")
-    if isinstance(size, str) and size.isdigit():
-        size = int(size)
-    if size is None or size == 0:
-        size = default
-    if not is_count(size):
-        raise ValueError("page_size must be a non-negative integer")
-    token = _get(body, "page_token") or ""
-    if not isinstance(token, str) or (token and not token.isdigit()):
-        raise ValueError("page_token is not one this server gave")
-    return int(token or 0), min(size, 1000)
-
 
 # --- the emulator --------------------------------------------------------------------------------
 
@@ -307,9 +125,9 @@ class KimiWebEmulator(Controls):
         self._revoked_before.clear()
         for window in self._quota.values():
             window.clear()
-        _zero(self.stats)
+        zero_counters(self.stats)
         for counters in self.stats.users.values():
-            _zero(counters)
+            zero_counters(counters)
         self._notify()
 
     def configure(self, changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -385,7 +203,7 @@ class KimiWebEmulator(Controls):
             mode = outcome["mode"] if outcome is not None and kind == "unauthenticated" else "config"
             mode = self.config.auth_error_mode if mode == "config" else mode
             return self._refuse(user, "unauthenticated", problem, http=mode == "http")
-        problem, ask = _parse_chat(body)
+        problem, ask = parse_chat(body)
         if ask is None:
             return self._refuse(user, "invalid_argument", problem, http=False)
         chat: Chat | None = None
@@ -422,7 +240,7 @@ class KimiWebEmulator(Controls):
         self._ids += 1
         return wire.xid(now, b"kimiw", self._ids)
 
-    def _admit(self, user: str, ask: _Ask, chat: Chat | None, parent_id: str, outcome: Outcome | None,
+    def _admit(self, user: str, ask: Ask, chat: Chat | None, parent_id: str, outcome: Outcome | None,
                limited: bool) -> Ticket:
         now = self.clock.time()
         config = self.config
@@ -490,15 +308,15 @@ class KimiWebEmulator(Controls):
         self._notify()
         user, problem = self.check_token(token)
         if problem or user is None:
-            return _error("unauthenticated", problem)
+            return error_answer("unauthenticated", problem)
         if content_type != "application/json":
-            return _error("invalid_argument", "content-type must be application/json", 415)
+            return error_answer("invalid_argument", "content-type must be application/json", 415)
         try:
             body = orjson.loads(raw) if raw.strip() else {}
         except orjson.JSONDecodeError as exc:
-            return _error("invalid_argument", f"the message is not valid JSON: {exc}")
+            return error_answer("invalid_argument", f"the message is not valid JSON: {exc}")
         if not isinstance(body, dict):
-            return _error("invalid_argument", "the request must be a JSON object")
+            return error_answer("invalid_argument", "the request must be a JSON object")
         handlers: dict[str, Callable[[str, dict[str, Any]], Answer]] = {
             "DeleteChat": self._delete_chat, "BatchDeleteChats": self._batch_delete_chats,
             "ListChats": self._list_chats, "ListMessages": self._list_messages,
@@ -507,7 +325,7 @@ class KimiWebEmulator(Controls):
         try:
             answer = handlers[method](user, body)
         except ValueError as exc:
-            return _error("invalid_argument", str(exc))
+            return error_answer("invalid_argument", str(exc))
         self._notify()
         return answer
 
@@ -520,18 +338,18 @@ class KimiWebEmulator(Controls):
         self.stats.chats_deleted += 1
 
     def _delete_chat(self, user: str, body: dict[str, Any]) -> Answer:
-        chat_id = _get(body, "chat_id")
+        chat_id = get_field(body, "chat_id")
         if not isinstance(chat_id, str) or not chat_id:
             raise ValueError("chat_id is required")
         chat = self._owned(user, chat_id)
         if chat is None:
-            return _error("not_found", f"chat {chat_id} not found")
+            return error_answer("not_found", f"chat {chat_id} not found")
         self._delete(chat)
         return Answer(200, b"{}")
 
     def _batch_delete_chats(self, user: str, body: dict[str, Any]) -> Answer:
         """Deletes the caller's chats among ``chat_ids``; other ids are ignored."""
-        chat_ids = _get(body, "chat_ids")
+        chat_ids = get_field(body, "chat_ids")
         if not isinstance(chat_ids, list) or not all(isinstance(chat_id, str) for chat_id in chat_ids):
             raise ValueError("chat_ids must be a list of strings")
         for chat_id in dict.fromkeys(chat_ids):
@@ -542,8 +360,8 @@ class KimiWebEmulator(Controls):
 
     def _list_chats(self, user: str, body: dict[str, Any]) -> Answer:
         """The caller's chats, latest turn first; ``query`` filters names (case-insensitive)."""
-        offset, size = _page(body, 20)
-        query = _get(body, "query") or ""
+        offset, size = page_of(body, 20)
+        query = get_field(body, "query") or ""
         if not isinstance(query, str):
             raise ValueError("query must be a string")
         chats = sorted((chat for chat in self.chats.values()
@@ -557,11 +375,11 @@ class KimiWebEmulator(Controls):
 
     def _list_messages(self, user: str, body: dict[str, Any]) -> Answer:
         """A chat's messages, oldest first."""
-        offset, size = _page(body, 50)
-        chat_id = _get(body, "chat_id")
+        offset, size = page_of(body, 50)
+        chat_id = get_field(body, "chat_id")
         chat = self._owned(user, chat_id)
         if chat is None:
-            return _error("not_found", f"chat {chat_id} not found")
+            return error_answer("not_found", f"chat {chat_id} not found")
         page = chat.messages[offset:offset + size]
         following = str(offset + size) if offset + size < len(chat.messages) else ""
         return Answer(200, orjson.dumps({"messages": [message.to_wire() for message in page],
@@ -570,7 +388,3 @@ class KimiWebEmulator(Controls):
     def _get_subscription(self, user: str, body: dict[str, Any]) -> Answer:
         return Answer(200, orjson.dumps({"subscription": {
             "userId": user, "userName": f"Emulated {user}", "membership": {"level": 10}}}))
-
-
-def _error(code: str, message: str, status: int | None = None) -> Answer:
-    return Answer(status or wire.CODE_STATUS[code], wire.error_body(code, message))
