@@ -16,6 +16,7 @@ import typer
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.cli_batch import batch_app
 from app.cli_models import models_app
 from app.cli_servers import emulate_app, serve
 from app.cli_sessions import sessions_app
@@ -45,6 +46,7 @@ app.add_typer(db_app)
 app.add_typer(sessions_app)
 app.add_typer(models_app)
 app.add_typer(emulate_app)
+app.add_typer(batch_app)
 app.command("serve")(serve)
 app.command("usage")(usage)
 

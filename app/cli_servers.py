@@ -32,6 +32,11 @@ def serve(
     = 1000,
     shutdown_grace: Annotated[int, typer.Option(
         min=1, max=3600, help="After SIGTERM, seconds in-flight requests and streams may take to finish.")] = 30,
+    interactive_share: Annotated[float, typer.Option(
+        min=0, max=0.99, help="Fraction of each account's concurrency and rate limits that batch jobs leave "
+                              "to interactive requests.")] = 0.2,
+    batch_concurrency: Annotated[int, typer.Option(
+        min=1, max=100_000, help="Most batch requests in flight at once; the pool paces them.")] = 256,
 ) -> None:
     """Serve the OpenAI-compatible gateway. The database is migrated to the current schema first."""
     if log_level not in ("debug", "info", "warning", "error"):
@@ -40,7 +45,8 @@ def serve(
 
     settings = Settings.from_env(db_url=_state(ctx).db_url, host=host, port=port, accounts_file=accounts,
                                  log_level=log_level, log_format=log_format, max_wait=max_wait,
-                                 max_queue=max_queue, shutdown_grace=float(shutdown_grace))
+                                 max_queue=max_queue, shutdown_grace=float(shutdown_grace),
+                                 interactive_share=interactive_share, batch_concurrency=batch_concurrency)
     serve_gateway(settings)
 
 

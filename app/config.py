@@ -67,6 +67,8 @@ class Settings:
     session_ttl: float = 24 * 3600.0
     """How long a conversation stays bound to its account after its last turn."""
     """The completion budget charged up front when a request names no ``max_tokens``."""
+    idempotency_ttl: float = 24 * 3600.0
+    """How long the answer to a request with an ``Idempotency-Key`` is kept for its retries."""
     sync_interval: float = 2.0
     flush_interval: float = 1.0
     cors_origins: tuple[str, ...] = ("*",)
@@ -75,6 +77,17 @@ class Settings:
     """After SIGTERM: how long in-flight requests and streams may take before the server stops."""
     log_format: str = "text"
     """``text`` (one line per record, an access line as ``key=value`` pairs) or ``json`` (one object per line)."""
+    interactive_share: float = 0.2
+    """The fraction of each account's concurrency and windows that batch work leaves free for
+    interactive requests (which may use the whole)."""
+    max_file_bytes: int = 100 * 1024 * 1024
+    """The largest file ``POST /v1/files`` takes (batch input files)."""
+    batch_concurrency: int = 256
+    """Most batch requests in flight at once (waiting for an account included); the pool paces them."""
+    batch_max_wait: float = 300.0
+    """How long one batch request may wait for an account with room before it is tried again later."""
+    batch_max_attempts: int = 5
+    """Attempts a batch request gets when the upstream keeps failing (429, 5xx) before it is an error."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -95,6 +108,12 @@ class Settings:
             raise ConfigError(f"port must be between 1 and 65535, not {self.port}")
         if self.max_wait < 0 or self.max_queue < 0 or self.default_max_tokens < 1:
             raise ConfigError("max wait and queue depth must not be negative; default max tokens at least 1")
+        if not 0 <= self.interactive_share < 1:
+            raise ConfigError(f"the interactive share is a fraction from 0 up to (not including) 1, "
+                              f"not {self.interactive_share!r}")
+        if self.max_file_bytes < 1 or self.batch_concurrency < 1 or self.batch_max_attempts < 1 \
+                or self.batch_max_wait < 0:
+            raise ConfigError("the file size limit, batch concurrency and attempts must be positive")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"bad log format {self.log_format!r}: use {' or '.join(LOG_FORMATS)}")
         if "://" not in self.db_url:

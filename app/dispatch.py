@@ -71,6 +71,8 @@ class RequestContext:
     """Seconds spent waiting for an account (the admission queue, over all attempts), on the pool's clock."""
     binding: Binding | None = None
     """The session's binding once a lease was taken (None: a one-off request)."""
+    batch: bool = False
+    """A batch job's request: it gets the pool's batch share, after waiting interactive requests."""
 
 
 class Dispatcher:
@@ -105,7 +107,7 @@ class Dispatcher:
         try:
             lease = await self._admission.wait_or_refuse(
                 request.model, self.cost(request), client=ctx.client, deadline=now + ctx.max_wait, exclude=tried,
-                prefer=binding.account if binding else None)
+                prefer=binding.account if binding else None, batch=ctx.batch)
         except (PoolBusy, PoolUnavailable):
             if last is None:
                 raise
@@ -285,6 +287,18 @@ class Dispatcher:
             ts=self._clock.time(), request_id=request_id, account=None, client_key=client, model=model or "",
             stream=stream, latency_ms=(time.perf_counter() - started) * 1000.0, status=error.status,
             outcome=error.code or error.type, attempts=0)
+        for observer in self._observers:
+            observer.finished(record, None, None)
+
+    def replayed(self, request_id: str, client: str | None, model: str, stream: bool, started: float) -> None:
+        """Tell the observers of a request answered with the stored answer of an earlier one with the same
+        ``Idempotency-Key`` (outcome ``replayed``). Nothing was dispatched: the usage table does not see it."""
+        if not self._observers:
+            return
+        record = UsageRecord(
+            ts=self._clock.time(), request_id=request_id, account=None, client_key=client, model=model,
+            stream=stream, latency_ms=(time.perf_counter() - started) * 1000.0, status=200, outcome="replayed",
+            attempts=0)
         for observer in self._observers:
             observer.finished(record, None, None)
 

@@ -97,6 +97,14 @@ def _retry_after_header(seconds: float) -> dict[str, str]:
     return {"Retry-After": str(min(60, max(1, math.ceil(seconds))))}
 
 
+class IdempotencyMismatch(KimiPoolError):
+    """An ``Idempotency-Key`` used again with a different request body."""
+
+    status = 422
+    type = "invalid_request_error"
+    code = "idempotency_key_mismatch"
+
+
 class PoolBusy(KimiPoolError):
     """Every account that could serve is busy or limited; try again after ``retry_after``."""
 

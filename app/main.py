@@ -1,5 +1,6 @@
 """``create_app``: the ASGI application. Nothing is built at import time; the lifespan builds and
-closes everything (database, write-behind queue, pool, upstream session, sync loop, metrics)."""
+closes everything (database, write-behind queue, pool, upstream session, sync loop, metrics, the
+batch runner)."""
 
 from __future__ import annotations
 
@@ -21,19 +22,24 @@ from starlette.routing import Route
 
 from app.api.admin import Admin, admin_routes
 from app.api.auth import Authenticator
+from app.api.batches import batch_routes
 from app.api.chat import EXPOSED_HEADERS, ChatCompletions
 from app.api.dashboard import Dashboard
 from app.api.errors import RequestIdMiddleware, handle_http_exception, handle_kimi_pool_error
+from app.api.files import file_routes
 from app.api.front import CHAT_PATH, ChatRoute, FrontDoor
 from app.api.ids import Ids
 from app.api.metrics import metrics
 from app.api.models import get_model, list_models
 from app.api.pool_status import pool_status
 from app.api.state import Gateway
+from app.batch.runner import BatchRunner
+from app.batch.service import BatchService
 from app.clock import Clock, SystemClock
 from app.config import Settings, load_accounts_toml
 from app.dispatch import Dispatcher
 from app.errors import KimiPoolError
+from app.idempotency import Idempotency
 from app.logs import AccessLog
 from app.metrics import Metrics
 from app.pool.account import Account
@@ -80,7 +86,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
             await import_accounts(db, settings, clock)
         writer = WriteBehind(db, clock=clock, interval=settings.flush_interval)
         writer.start()
-        pool = Pool(clock)
+        pool = Pool(clock, interactive_share=settings.interactive_share)
         auth = Authenticator(settings.master_key)
 
         def persist(account: Account) -> None:
@@ -104,11 +110,18 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
                                 observers=(observer, AccessLog()))
         app.state.gateway = gateway = Gateway(settings, clock, auth, pool, admission, sessions, dispatcher,
                                               clock.time(), metrics_registry)
-        app.state.chat = ChatCompletions(gateway, ids)
+        idempotency = Idempotency(db, writer, clock, ttl=settings.idempotency_ttl)
+        app.state.chat = ChatCompletions(gateway, ids, idempotency)
+        app.state.idempotency = idempotency
         app.state.writer = writer
         app.state.sync = sync
         app.state.admin = Admin(gateway, db, registry, sync, writer)
+        runner = BatchRunner(db, dispatcher, clock, models=pool.models, concurrency=settings.batch_concurrency,
+                             max_wait=settings.batch_max_wait, max_attempts=settings.batch_max_attempts)
+        app.state.batch_runner = runner
+        app.state.batches = BatchService(db, clock, max_file_bytes=settings.max_file_bytes, on_change=runner.notify)
         sync_task = asyncio.create_task(sync.run(settings.sync_interval))
+        runner.start()  # batches left active by an earlier run resume
         gc.collect()
         gc.freeze()  # what startup built lives for good: keep it out of every later collection
         try:
@@ -117,6 +130,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
             sync_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sync_task
+            await runner.close()
             await admission.close()
             await registry.close()
             await session.close()
@@ -130,6 +144,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         Route("/v1/pool/status", pool_status, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         Route(CHAT_PATH, ChatRoute(), methods=["POST"]),
+        *file_routes(),
+        *batch_routes(),
         *Dashboard().routes(),  # before the admin API's routes: it serves /admin/usage/series
         admin_routes(),
     ]
@@ -138,7 +154,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         Middleware(
             CORSMiddleware,
             allow_origins=list(settings.cors_origins),
-            allow_methods=["GET", "POST", "OPTIONS"],
+            allow_methods=["GET", "POST", "DELETE", "OPTIONS"],
             allow_headers=["*"],
             expose_headers=list(EXPOSED_HEADERS),
             max_age=600,

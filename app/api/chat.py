@@ -3,6 +3,10 @@
 This is the hot path, so it is a bare ASGI app that ``FrontDoor`` calls directly: it does for
 itself what the middleware stack does for the other routes (request id, CORS headers, errors as
 OpenAI objects), which measured ~35% of a request's CPU when it went through Starlette's layers.
+
+A request with an ``Idempotency-Key`` claims the key before it is dispatched (``app.idempotency``)
+and keeps its answer when it succeeds; a retry gets that answer back, marked
+``Idempotent-Replayed: true``. Without the header, all this costs one header lookup.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Any
 
 import orjson
 from starlette.datastructures import Headers
@@ -20,16 +23,18 @@ from app.api.errors import header, internal_error
 from app.api.ids import Ids
 from app.api.pool_status import Headroom
 from app.api.schema import parse_chat_request, parse_json
-from app.api.sse import DONE, ChunkRenderer, SSEResponse
+from app.api.sse import DONE, ChunkRenderer, SSEResponse, completion_body
 from app.api.state import Gateway
 from app.dispatch import RequestContext
 from app.errors import InvalidRequest, KimiPoolError, PayloadTooLarge
+from app.idempotency import Claim, Idempotency, Transcript, replay_events, request_hash, scoped_key
 from app.pool.sessions import session_key
-from app.upstreams.base import Batch, ChatRequest, Completion, Usage
+from app.store.records import IdempotentAnswer
+from app.upstreams.base import Batch, ChatRequest, Usage
 
 log = logging.getLogger("kimi_pool.api")
 _JSON = (b"content-type", b"application/json")
-EXPOSED_HEADERS = ("x-request-id", "retry-after", "x-kimi-pool-account")
+EXPOSED_HEADERS = ("x-request-id", "retry-after", "x-kimi-pool-account", "idempotent-replayed")
 _EXPOSED = ", ".join(EXPOSED_HEADERS).encode()
 
 
@@ -53,9 +58,10 @@ async def read_body(receive: Receive, declared: bytes | None, limit: int) -> byt
 
 
 class ChatCompletions:
-    def __init__(self, gateway: Gateway, ids: Ids) -> None:
+    def __init__(self, gateway: Gateway, ids: Ids, idempotency: Idempotency) -> None:
         self._gateway = gateway
         self._ids = ids
+        self._idempotency = idempotency
         self._headroom = Headroom(gateway.pool)
         origins = gateway.settings.cors_origins
         self._any_origin = "*" in origins
@@ -103,33 +109,49 @@ class ChatCompletions:
                       headers: list[tuple[bytes, bytes]], started: float) -> None:
         gateway = self._gateway
         client = chat = None
+        claim: Claim | None = None
         try:
             client = gateway.auth.authenticate(Headers(scope=scope))
             raw = await read_body(receive, header(scope, b"content-length"), gateway.settings.max_body_bytes)
-            chat = parse_chat_request(parse_json(raw))
+            payload = parse_json(raw)
+            chat = parse_chat_request(payload)
             gateway.dispatcher.check_model(chat.model)
             max_wait = self._max_wait(scope)
+            key = header(scope, b"idempotency-key")
+            if key is not None:  # may wait for a request holding the same key
+                claim = await self._idempotency.claim(scoped_key(key, client), request_hash(payload))
         except KimiPoolError as error:  # turned away at the door: still one request for metrics and the log
             gateway.dispatcher.refused(request_id, client, chat.model if chat else None,
                                        chat.stream if chat else False, error, started)
             raise
-        ctx = RequestContext(request_id, client, max_wait=max_wait, session=_conversation(scope, chat, client),
-                             started=started)
-        completion_id = self._ids.completion_id()
-        now = gateway.clock.time()
-        created = int(now)
-        headers += self._headroom.headers(chat.model, now)
-        if not chat.stream:
-            completion = await gateway.dispatcher.complete(chat, ctx)
-            body = orjson.dumps(_completion_body(completion, completion_id, created, chat.model))
-            headers.append((b"x-kimi-pool-account", (ctx.account or "").encode()))
-            await _send_json(send, 200, body, headers)
+        if claim is not None and claim.replay is not None:
+            await _replay(scope, receive, send, chat, claim.replay, headers)
+            gateway.dispatcher.replayed(request_id, client, chat.model, chat.stream, started)
             return
-        events = gateway.dispatcher.stream(chat, ctx)
-        first = await anext(events)  # failover happens here; an error is still a JSON answer
-        headers.append((b"x-kimi-pool-account", (ctx.account or "").encode()))
-        renderer = ChunkRenderer(completion_id, created, chat.model)
-        await SSEResponse(_frames(renderer, first, events, chat.include_usage), headers)(scope, receive, send)
+        try:
+            ctx = RequestContext(request_id, client, max_wait=max_wait, session=_conversation(scope, chat, client),
+                                 started=started)
+            completion_id = self._ids.completion_id()
+            now = gateway.clock.time()
+            created = int(now)
+            headers += self._headroom.headers(chat.model, now)
+            if not chat.stream:
+                completion = await gateway.dispatcher.complete(chat, ctx)
+                body = orjson.dumps(completion_body(completion, completion_id, created, chat.model))
+                if claim is not None:
+                    claim.keep(body)  # before sending: the quota is spent even if the client is gone
+                headers.append((b"x-kimi-pool-account", (ctx.account or "").encode()))
+                await _send_json(send, 200, body, headers)
+                return
+            events = gateway.dispatcher.stream(chat, ctx)
+            first = await anext(events)  # failover happens here; an error is still a JSON answer
+            headers.append((b"x-kimi-pool-account", (ctx.account or "").encode()))
+            renderer = ChunkRenderer(completion_id, created, chat.model)
+            frames = _frames(renderer, first, events, chat.include_usage, claim)
+            await SSEResponse(frames, headers)(scope, receive, send)
+        finally:
+            if claim is not None:
+                claim.release()  # a no-op after ``keep``; else the next request with the key runs
 
 
 def _conversation(scope: Scope, chat: ChatRequest, client: str | None) -> str | None:
@@ -151,14 +173,37 @@ async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[b
     await send({"type": "http.response.body", "body": body})
 
 
+async def _replay(scope: Scope, receive: Receive, send: Send, chat: ChatRequest, answer: IdempotentAnswer,
+                  headers: list[tuple[bytes, bytes]]) -> None:
+    """Send a stored answer again, as JSON or, if this request streams, as the stream it amounts to."""
+    headers.append((b"idempotent-replayed", b"true"))
+    if not chat.stream:
+        await _send_json(send, answer.status, answer.body, headers)
+        return
+    body = orjson.loads(answer.body)
+    renderer = ChunkRenderer(body["id"], body["created"], body["model"])
+    frames = _frames(renderer, replay_events(body), _no_more(), chat.include_usage)
+    await SSEResponse(frames, headers)(scope, receive, send)
+
+
+async def _no_more() -> AsyncIterator[Batch]:
+    nothing: tuple[Batch, ...] = ()
+    for batch in nothing:
+        yield batch
+
+
 async def _frames(renderer: ChunkRenderer, first: Batch, events: AsyncIterator[Batch],
-                  include_usage: bool) -> AsyncIterator[bytes]:
-    """One piece of SSE per batch of upstream events (the role chunk goes with the first)."""
+                  include_usage: bool, claim: Claim | None = None) -> AsyncIterator[bytes]:
+    """One piece of SSE per batch of upstream events (the role chunk goes with the first). With a
+    ``claim``, the whole answer is kept once the upstream has finished it."""
     usage: Usage | None = None
     batch = first
     frames = [renderer.role()]
+    transcript = None if claim is None else Transcript()
     try:
         while True:
+            if transcript is not None:
+                transcript.add(batch)
             for event in batch:
                 if type(event) is Usage:
                     usage = event
@@ -178,24 +223,9 @@ async def _frames(renderer: ChunkRenderer, first: Batch, events: AsyncIterator[B
         return
     finally:
         await events.aclose()  # type: ignore[attr-defined]
+    if claim is not None and transcript is not None:
+        claim.keep(orjson.dumps(completion_body(transcript.completion(), renderer.id, renderer.created,
+                                                 renderer.model)))
     if include_usage and usage is not None:
         yield renderer.usage(usage)
     yield DONE
-
-
-def _completion_body(completion: Completion, completion_id: str, created: int, model: str) -> dict[str, Any]:
-    message: dict[str, Any] = {"role": "assistant", "content": completion.content}
-    if completion.reasoning is not None:
-        message["reasoning_content"] = completion.reasoning
-    if completion.tool_calls:
-        message["tool_calls"] = completion.tool_calls
-    body: dict[str, Any] = {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "choices": [{"index": 0, "message": message, "finish_reason": completion.finish_reason, "logprobs": None}],
-    }
-    if completion.usage is not None:
-        body["usage"] = completion.usage.as_openai()
-    return body

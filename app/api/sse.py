@@ -1,4 +1,5 @@
-"""Render neutral events as OpenAI ``chat.completion.chunk`` SSE, and serve them.
+"""Render neutral events as OpenAI ``chat.completion.chunk`` SSE, and serve them; and a whole answer
+as one ``chat.completion`` body (``completion_body``).
 
 The contract: one ``id`` and ``created`` for the whole stream; the first chunk carries
 ``role: "assistant"``; exactly one ``finish_reason``; with ``include_usage`` a last chunk with
@@ -18,7 +19,7 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from app.errors import KimiPoolError
-from app.upstreams.base import Delta, Event, Finish, Usage
+from app.upstreams.base import Completion, Delta, Event, Finish, Usage
 
 log = logging.getLogger("kimi_pool.sse")
 DONE = b"data: [DONE]\n\n"
@@ -66,6 +67,25 @@ class ChunkRenderer:
     @staticmethod
     def error(error: KimiPoolError) -> bytes:
         return _frame(error.body())
+
+
+def completion_body(completion: Completion, completion_id: str, created: int, model: str) -> dict[str, Any]:
+    """A whole answer as an OpenAI ``chat.completion`` object."""
+    message: dict[str, Any] = {"role": "assistant", "content": completion.content}
+    if completion.reasoning is not None:
+        message["reasoning_content"] = completion.reasoning
+    if completion.tool_calls:
+        message["tool_calls"] = completion.tool_calls
+    body: dict[str, Any] = {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "message": message, "finish_reason": completion.finish_reason, "logprobs": None}],
+    }
+    if completion.usage is not None:
+        body["usage"] = completion.usage.as_openai()
+    return body
 
 
 class SSEResponse:

@@ -6,6 +6,11 @@ one timer on the injected clock, armed for the earliest such moment. Each pass s
 client keys in turn, one request each, so a batch key with thousands queued cannot starve a chat
 UI's key. A request that cannot be served before its deadline is refused at once with the honest
 time until the pool could take it; so is one that finds the queue full.
+
+*Batch* requests (``batch=True``, the batch runner's) wait in a queue of their own, served only
+after every interactive waiter that can be served has been: a waiting chat request always goes
+first, and the pool keeps batch work to its share of each account (``Pool``). An interactive request
+never queues behind batch waiters, and batch waiters never fill the queue for interactive ones.
 """
 
 from __future__ import annotations
@@ -22,10 +27,11 @@ LOOKAHEAD = 8
 
 
 class _Waiter:
-    __slots__ = ("client", "cost", "deadline", "exclude", "future", "model", "prefer")
+    __slots__ = ("batch", "client", "cost", "deadline", "exclude", "future", "model", "prefer")
 
     def __init__(self, model: str, cost: int, client: str, exclude: frozenset[str] | set[str],
-                 prefer: str | None, deadline: float, future: asyncio.Future[Lease]) -> None:
+                 prefer: str | None, deadline: float, future: asyncio.Future[Lease], batch: bool = False) -> None:
+        self.batch = batch
         self.model = model
         self.cost = cost
         self.client = client
@@ -41,7 +47,9 @@ class Admission:
         self._clock = clock
         self._max_queue = max_queue
         self._queues: OrderedDict[str, deque[_Waiter]] = OrderedDict()
+        self._batch_queues: OrderedDict[str, deque[_Waiter]] = OrderedDict()
         self._depth = 0
+        self._batch_depth = 0
         self._timer: asyncio.Task[None] | None = None
         self._timer_at = float("inf")
         self.waited = 0
@@ -51,7 +59,13 @@ class Admission:
 
     @property
     def depth(self) -> int:
+        """Requests waiting, batch ones included."""
         return self._depth
+
+    @property
+    def batch_depth(self) -> int:
+        """Batch requests waiting."""
+        return self._batch_depth
 
     async def wait_depth(self, depth: int) -> None:
         """Return once exactly ``depth`` requests are waiting (for status pages and tests)."""
@@ -73,29 +87,37 @@ class Admission:
             self._depth_waiters = keep
 
     def depth_by_client(self) -> dict[str, int]:
-        return {client: len(queue) for client, queue in self._queues.items()}
+        depths = {client: len(queue) for client, queue in self._queues.items()}
+        for client, queue in self._batch_queues.items():
+            depths[client] = depths.get(client, 0) + len(queue)
+        return depths
 
     async def acquire(self, model: str, cost: int, *, client: str | None, deadline: float,
-                      exclude: frozenset[str] | set[str] = frozenset(), prefer: str | None = None) -> Lease:
-        """A lease for ``model``, waiting until ``deadline`` if need be; ``PoolBusy`` past it."""
-        if not self._depth:
-            lease = self._pool.acquire(model, cost, exclude, prefer=prefer, deadline=deadline)
+                      exclude: frozenset[str] | set[str] = frozenset(), prefer: str | None = None,
+                      batch: bool = False) -> Lease:
+        """A lease for ``model``, waiting until ``deadline`` if need be; ``PoolBusy`` past it.
+        ``batch``: the batch runner's request (its share of the pool, after interactive waiters)."""
+        # nobody waits who would go first: an interactive request goes before batch waiters
+        if self._depth == (self._batch_depth if not batch else 0):
+            lease = self._pool.acquire(model, cost, exclude, prefer=prefer, deadline=deadline, batch=batch)
             if lease is not None:
                 return lease
         now = self._clock.time()
-        at = self._pool.next_free_time(model, cost, exclude, prefer, deadline)
+        at = self._pool.next_free_time(model, cost, exclude, prefer, deadline, batch=batch)
         if at is None:
             raise PoolUnavailable(f"No account can serve '{model}' now: all are disabled, dead or out of quota.")
         if at > deadline:
             raise PoolBusy(f"Every account serving '{model}' is at its limits; retry in {at - now:.0f}s.",
                            retry_after=at - now)
-        if self._depth >= self._max_queue:
+        if (self._depth if batch else self._depth - self._batch_depth) >= self._max_queue:
             raise PoolBusy(f"The queue is full ({self._max_queue} waiting); retry shortly.",
                            retry_after=max(1.0, at - now))
         future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(model, cost, client or "", exclude, prefer, deadline, future)
-        self._queues.setdefault(waiter.client, deque()).append(waiter)
+        waiter = _Waiter(model, cost, client or "", exclude, prefer, deadline, future, batch)
+        self._queues_of(waiter).setdefault(waiter.client, deque()).append(waiter)
         self._depth += 1
+        if batch:
+            self._batch_depth += 1
         self.waited += 1
         self._depth_changed()
         self._serve()
@@ -120,12 +142,14 @@ class Admission:
         raise TimeoutError
 
     async def wait_or_refuse(self, model: str, cost: int, *, client: str | None, deadline: float,
-                             exclude: frozenset[str] | set[str] = frozenset(), prefer: str | None = None) -> Lease:
+                             exclude: frozenset[str] | set[str] = frozenset(), prefer: str | None = None,
+                             batch: bool = False) -> Lease:
         """``acquire``, turning a deadline that passed into ``PoolBusy`` with an honest ``Retry-After``."""
         try:
-            return await self.acquire(model, cost, client=client, deadline=deadline, exclude=exclude, prefer=prefer)
+            return await self.acquire(model, cost, client=client, deadline=deadline, exclude=exclude, prefer=prefer,
+                                      batch=batch)
         except TimeoutError:
-            at = self._pool.next_free_time(model, cost, exclude)
+            at = self._pool.next_free_time(model, cost, exclude, batch=batch)
             if at is None:
                 raise PoolUnavailable(
                     f"No account can serve '{model}' now: all are disabled, dead or out of quota.") from None
@@ -133,14 +157,23 @@ class Admission:
             raise PoolBusy(f"No account serving '{model}' had room before this request's deadline; "
                            f"retry in {wait:.0f}s.", retry_after=wait) from None
 
+    def _queues_of(self, waiter: _Waiter) -> OrderedDict[str, deque[_Waiter]]:
+        return self._batch_queues if waiter.batch else self._queues
+
     def _forget(self, waiter: _Waiter) -> None:
-        queue = self._queues.get(waiter.client)
+        queues = self._queues_of(waiter)
+        queue = queues.get(waiter.client)
         if queue is not None and waiter in queue:
             queue.remove(waiter)
-            self._depth -= 1
-            self._depth_changed()
+            self._left(waiter)
             if not queue:
-                del self._queues[waiter.client]
+                del queues[waiter.client]
+
+    def _left(self, waiter: _Waiter) -> None:
+        self._depth -= 1
+        if waiter.batch:
+            self._batch_depth -= 1
+        self._depth_changed()
 
     # --- serving the queue ----------------------------------------------------------------------
 
@@ -154,47 +187,55 @@ class Admission:
         return [w for _, w in zip(range(LOOKAHEAD), queue, strict=False) if not w.future.done()]
 
     def _serve(self) -> None:
-        """Hand out what fits, one waiter per client key per round, until a round serves nobody."""
-        served = True
-        while served and self._depth:
-            served = False
-            full: dict[str, int] = {}  # model -> smallest cost that found no room this pass
-            for client in list(self._queues):
-                queue = self._queues.get(client)
-                if not queue:
-                    continue
-                got = False
-                for waiter in self._candidates(queue):
-                    if waiter.prefer is None and not waiter.exclude and waiter.cost >= full.get(waiter.model, 1 << 62):
-                        continue
-                    lease = self._pool.acquire(waiter.model, waiter.cost, waiter.exclude, prefer=waiter.prefer,
-                                               deadline=waiter.deadline)
-                    if lease is not None:
-                        waiter.future.set_result(lease)
-                        queue.remove(waiter)
-                        self._depth -= 1
-                        self._depth_changed()
-                        served = got = True
-                        break
-                    if waiter.prefer is None and not waiter.exclude:
-                        full[waiter.model] = min(waiter.cost, full.get(waiter.model, waiter.cost))
-                if not queue:
-                    self._queues.pop(client, None)
-                elif got:
-                    self._queues.move_to_end(client)  # served: the others go first next time
+        """Hand out what fits, one waiter per client key per round, until a round serves nobody;
+        interactive waiters first: a batch round runs only when an interactive one served nobody."""
+        while self._depth:
+            if self._depth > self._batch_depth and self._round(self._queues, False):
+                continue
+            if not (self._batch_depth and self._round(self._batch_queues, True)):
+                break
         if self._depth:
             self._arm_for_windows()
+
+    def _round(self, queues: OrderedDict[str, deque[_Waiter]], batch: bool) -> bool:
+        """One waiter per client key, the longest-unserved key first; whether anyone was served."""
+        served = False
+        full: dict[str, int] = {}  # model -> smallest cost that found no room this round
+        for client in list(queues):
+            queue = queues.get(client)
+            if not queue:
+                continue
+            got = False
+            for waiter in self._candidates(queue):
+                if waiter.prefer is None and not waiter.exclude and waiter.cost >= full.get(waiter.model, 1 << 62):
+                    continue
+                lease = self._pool.acquire(waiter.model, waiter.cost, waiter.exclude, prefer=waiter.prefer,
+                                           deadline=waiter.deadline, batch=batch)
+                if lease is not None:
+                    waiter.future.set_result(lease)
+                    queue.remove(waiter)
+                    self._left(waiter)
+                    served = got = True
+                    break
+                if waiter.prefer is None and not waiter.exclude:
+                    full[waiter.model] = min(waiter.cost, full.get(waiter.model, waiter.cost))
+            if not queue:
+                queues.pop(client, None)
+            elif got:
+                queues.move_to_end(client)  # served: the others go first next time
+        return served
 
     def _arm_for_windows(self) -> None:
         """Arm the timer for the earliest moment a window rolls or a cooldown ends for a waiter."""
         now = self._clock.time()
-        seen: dict[tuple[str, int, str | None], float | None] = {}
+        seen: dict[tuple[str, int, str | None, bool], float | None] = {}
         earliest = float("inf")
-        for queue in self._queues.values():
+        for queue in (*self._queues.values(), *self._batch_queues.values()):
             for w in self._candidates(queue):
-                key = (w.model, w.cost, w.prefer)
+                key = (w.model, w.cost, w.prefer, w.batch)
                 if key not in seen or w.exclude:
-                    seen[key] = self._pool.next_free_time(w.model, w.cost, w.exclude, w.prefer, w.deadline)
+                    seen[key] = self._pool.next_free_time(w.model, w.cost, w.exclude, w.prefer, w.deadline,
+                                                          batch=w.batch)
                 at = seen[key]
                 if at is not None and now < at < earliest:
                     earliest = at

@@ -5,6 +5,10 @@ charges TPM) and trued up with the real usage when it ends. Limits come from the
 configuration and are *learned* from the upstream: a 429 for a window lowers that window's
 effective limit to what the upstream allowed (or the limit its message names), and the limit
 recovers by a tenth every ``RECOVER_AFTER`` seconds without another 429 on that window.
+
+Batch work sees the same windows through smaller limits (``fits_batch``, ``has_room_batch``): only
+the fraction ``keep`` (1 - the interactive share) of each, so the rest is always there for
+interactive requests, which may use the whole.
 """
 
 from __future__ import annotations
@@ -22,6 +26,13 @@ RECOVER_AFTER = 300.0
 RESOLUTION = 0.25
 """Seconds per window bucket."""
 BUCKETS = ("concurrency", "rpm", "tpm", "tpd")
+
+
+def batch_limit(limit: int, keep: float) -> int:
+    """What batch work may use of ``limit`` when it keeps to the fraction ``keep`` of it (1 - the
+    interactive share): rounded down, but never below 1, so an account too small to split (a limit
+    of 1) still serves batches, and interactive requests go first in the queue for it."""
+    return max(1, int(limit * keep + 1e-9))
 
 
 class Window:
@@ -174,6 +185,28 @@ class Limits:
             return False
         return tpd is None or self.day.current(now) + min(cost, tpd) <= tpd
 
+    # --- batch work: the same limits, less the share kept for interactive requests ----------------
+
+    def has_room_batch(self, in_flight: int, keep: float) -> bool:
+        limit = self.effective["concurrency"]
+        return limit is None or in_flight < batch_limit(limit, keep)
+
+    def fits_batch(self, now: float, cost: int, keep: float) -> bool:
+        if self._learned_at:
+            self._recover(now)
+        effective = self.effective
+        rpm, tpm, tpd = effective["rpm"], effective["tpm"], effective["tpd"]
+        if rpm is not None and self.rpm.used(now) + 1 > batch_limit(rpm, keep):
+            return False
+        if tpm is not None:
+            limit = batch_limit(tpm, keep)
+            if self.tpm.used(now) + min(cost, limit) > limit:
+                return False
+        if tpd is not None:
+            limit = batch_limit(tpd, keep)
+            return self.day.current(now) + min(cost, limit) <= limit
+        return True
+
     def charge(self, now: float, cost: int) -> Charge:
         rpm = self.rpm.add(now, 1)
         tpm = self.tpm.add(now, cost)
@@ -188,16 +221,20 @@ class Limits:
             self.tpm.adjust(charge.tpm, actual - charge.cost, now)
         self.day.adjust(charge.at, actual - charge.cost, now)
 
-    def free_at(self, now: float, cost: int) -> float:
-        """When the time-based windows let a request of ``cost`` through (concurrency aside)."""
+    def free_at(self, now: float, cost: int, keep: float | None = None) -> float:
+        """When the time-based windows let a request of ``cost`` through (concurrency aside); with
+        ``keep``, a batch request, which may use only that fraction of each window."""
         effective = self.effective
+        rpm, tpm, tpd = effective["rpm"], effective["tpm"], effective["tpd"]
+        if keep is not None:
+            rpm, tpm, tpd = (None if limit is None else batch_limit(limit, keep) for limit in (rpm, tpm, tpd))
         at = now
-        if effective["rpm"] is not None:
-            at = max(at, self.rpm.free_at(now, 1, effective["rpm"]))
-        if effective["tpm"] is not None:
-            at = max(at, self.tpm.free_at(now, cost, effective["tpm"]))
-        if effective["tpd"] is not None:
-            at = max(at, self.day.free_at(now, cost, effective["tpd"]))
+        if rpm is not None:
+            at = max(at, self.rpm.free_at(now, 1, rpm))
+        if tpm is not None:
+            at = max(at, self.tpm.free_at(now, cost, tpm))
+        if tpd is not None:
+            at = max(at, self.day.free_at(now, cost, tpd))
         return at
 
     # --- learning ------------------------------------------------------------------------------

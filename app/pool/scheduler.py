@@ -7,6 +7,9 @@ account with r copies sits at (k + ½) / r), so weights scale shares without any
 arithmetic. The ring is rebuilt lazily, once after a batch of membership changes. A request may *prefer* an account (its
 conversation's): it then waits for that account while it could serve before the request's
 deadline, and moves to another one when it could not.
+
+A *batch* request (``batch=True``) is held to ``1 - interactive_share`` of each account's
+concurrency and windows, so the share stays free for interactive requests, which may use it all.
 """
 
 from __future__ import annotations
@@ -43,8 +46,12 @@ class Lease:
 
 
 class Pool:
-    def __init__(self, clock: Clock) -> None:
+    def __init__(self, clock: Clock, *, interactive_share: float = 0.0) -> None:
+        if not 0.0 <= interactive_share < 1.0:
+            raise ValueError(f"the interactive share is a fraction from 0 up to 1, not {interactive_share!r}")
         self._clock = clock
+        self._keep = 1.0 - interactive_share
+        """What batch work may use of each account's limits."""
         self._accounts: dict[str, Account] = {}
         self._ring: list[Account] = []
         self._cursor = 0
@@ -114,37 +121,38 @@ class Pool:
     def serving(self, model: str) -> Iterable[Account]:
         return (a for a in self._accounts.values() if model in a.models and a.state is not State.DISABLED)
 
-    def _free_at(self, account: Account, now: float, cost: int) -> float | None:
+    def _free_at(self, account: Account, now: float, cost: int, batch: bool = False) -> float | None:
         """When ``account`` could take a request of ``cost`` (concurrency aside); None: not without an operator."""
         state_free = account.free_at(now)
         if state_free is None:
             return None
-        return max(state_free, account.limits.free_at(now, cost))
+        return max(state_free, account.limits.free_at(now, cost, self._keep if batch else None))
 
     def _pinned(self, prefer: str | None, model: str, exclude: frozenset[str] | set[str], now: float, cost: int,
-                deadline: float | None) -> Account | None:
+                deadline: float | None, batch: bool = False) -> Account | None:
         """The preferred account, if the request should wait for it rather than move."""
         if prefer is None:
             return None
         account = self._accounts.get(prefer)
         if account is None or model not in account.models or prefer in exclude:
             return None
-        at = self._free_at(account, now, cost)
+        at = self._free_at(account, now, cost, batch)
         if at is None or (deadline is not None and at > deadline):
             return None
         return account
 
     def next_free_time(self, model: str, cost: int = 0, exclude: frozenset[str] | set[str] = frozenset(),
-                       prefer: str | None = None, deadline: float | None = None) -> float | None:
+                       prefer: str | None = None, deadline: float | None = None, *,
+                       batch: bool = False) -> float | None:
         """The earliest time some account (the preferred one, if the request waits for it) could take
         the request as far as states and windows go; ``now`` when only concurrency holds it back;
-        None when no account could serve it without an operator."""
+        None when no account could serve it without an operator. ``batch``: within the batch share."""
         now = self._clock.time()
-        pinned = self._pinned(prefer, model, exclude, now, cost, deadline)
+        pinned = self._pinned(prefer, model, exclude, now, cost, deadline, batch)
         if pinned is not None:
-            return self._free_at(pinned, now, cost)
+            return self._free_at(pinned, now, cost, batch)
         times = [t for a in self.serving(model) if a.name not in exclude
-                 if (t := self._free_at(a, now, cost)) is not None]
+                 if (t := self._free_at(a, now, cost, batch)) is not None]
         return min(times) if times else None
 
     def next_free_in(self, model: str, cost: int = 0) -> float | None:
@@ -155,18 +163,20 @@ class Pool:
     # --- scheduling ----------------------------------------------------------------------------
 
     def acquire(self, model: str, cost: int = 0, exclude: frozenset[str] | set[str] = frozenset(), *,
-                prefer: str | None = None, deadline: float | None = None) -> Lease | None:
+                prefer: str | None = None, deadline: float | None = None, batch: bool = False) -> Lease | None:
         """Take an account that can serve ``model`` with ``cost`` tokens now, or None.
 
         With ``prefer``, that account is taken if it can serve now; if it could before ``deadline``
         the answer is None (wait for it); otherwise round robin picks another (the session moves).
+        With ``batch``, only an account with room within the batch share is taken.
         """
         now = self._clock.time()
+        fits = self._fits_batch if batch else self._fits
         if prefer is not None:
             account = self._accounts.get(prefer)
-            if account is not None and self._fits(account, model, exclude, now, cost):
+            if account is not None and fits(account, model, exclude, now, cost):
                 return self._take(account, now, cost)
-            if self._pinned(prefer, model, exclude, now, cost, deadline) is not None:
+            if self._pinned(prefer, model, exclude, now, cost, deadline, batch) is not None:
                 return None
         if self._ring_stale:
             self._rebuild()
@@ -175,7 +185,7 @@ class Pool:
         start = self._cursor
         for step in range(size):
             account = ring[(start + step) % size]
-            if self._fits(account, model, exclude, now, cost):
+            if fits(account, model, exclude, now, cost):
                 self._cursor = (start + step + 1) % size
                 return self._take(account, now, cost)
         return None
@@ -185,6 +195,14 @@ class Pool:
             return False
         return (model in account.models and account.name not in exclude and account.has_room()
                 and account.limits.fits(now, cost))
+
+    def _fits_batch(self, account: Account, model: str, exclude: frozenset[str] | set[str], now: float,
+                    cost: int) -> bool:
+        if account.state is not State.ACTIVE and not self._refresh(account, now):
+            return False
+        limits = account.limits
+        return (model in account.models and account.name not in exclude
+                and limits.has_room_batch(account.in_flight, self._keep) and limits.fits_batch(now, cost, self._keep))
 
     def _take(self, account: Account, now: float, cost: int) -> Lease:
         account.in_flight += 1

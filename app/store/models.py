@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, Boolean, Float, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, Float, ForeignKey, Index, Integer, LargeBinary, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
@@ -113,3 +113,90 @@ class ModelAliasRow(Base):
     name: Mapped[str] = mapped_column(String(128), primary_key=True)
     targets: Mapped[dict[str, str]] = mapped_column(JSON, default=dict)
     updated_at: Mapped[float] = mapped_column(Float)
+
+
+class FileRow(Base):
+    """A file of the OpenAI Files API: a batch's input (``batch``), or its output or errors
+    (``batch_output``). ``content`` is deferred: listings never load it."""
+
+    __tablename__ = "files"
+    __table_args__ = (Index("ix_files_client_created", "client_key", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    purpose: Mapped[str] = mapped_column(String(32))
+    filename: Mapped[str] = mapped_column(Text)
+    size: Mapped[int] = mapped_column("bytes", Integer)
+    content: Mapped[bytes] = mapped_column(LargeBinary, deferred=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    client_key: Mapped[str | None] = mapped_column(String(64))
+    """The name of the client key that owns it (``master``; None on an open gateway)."""
+
+
+class BatchRow(Base):
+    """A batch job of the OpenAI Batch API (``app.batch``). Its counts move in the same transaction
+    as its items' results; the timestamps are those of OpenAI's batch object."""
+
+    __tablename__ = "batches"
+    __table_args__ = (Index("ix_batches_status", "status"),
+                      Index("ix_batches_client_created", "client_key", "created_at"))
+
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    status: Mapped[str] = mapped_column(String(16))
+    endpoint: Mapped[str] = mapped_column(String(64))
+    completion_window: Mapped[str] = mapped_column(String(16))
+    input_file_id: Mapped[str] = mapped_column(String(40))
+    output_file_id: Mapped[str | None] = mapped_column(String(40))
+    error_file_id: Mapped[str | None] = mapped_column(String(40))
+    client_key: Mapped[str | None] = mapped_column(String(64))
+    meta: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
+    """Why the batch failed (its input file), as OpenAI's ``errors.data``; None otherwise."""
+    total: Mapped[int] = mapped_column(Integer, default=0)
+    completed: Mapped[int] = mapped_column(Integer, default=0)
+    failed: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)
+    in_progress_at: Mapped[float | None] = mapped_column(Float)
+    finalizing_at: Mapped[float | None] = mapped_column(Float)
+    completed_at: Mapped[float | None] = mapped_column(Float)
+    failed_at: Mapped[float | None] = mapped_column(Float)
+    expired_at: Mapped[float | None] = mapped_column(Float)
+    cancelling_at: Mapped[float | None] = mapped_column(Float)
+    cancelled_at: Mapped[float | None] = mapped_column(Float)
+
+
+class BatchItemRow(Base):
+    """One line of a batch's input file. ``pending`` until its result line is stored (``done``, or
+    ``failed`` with an error line); a line refused at validation is ``failed`` from the start, with
+    no ``body``. ``result`` is the whole output or error-file line."""
+
+    __tablename__ = "batch_items"
+    __table_args__ = (Index("ix_batch_items_state", "batch_id", "state", "line"),)
+
+    batch_id: Mapped[str] = mapped_column(String(40), ForeignKey("batches.id", ondelete="CASCADE"),
+                                          primary_key=True)
+    line: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    custom_id: Mapped[str | None] = mapped_column(Text)
+    body: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    state: Mapped[str] = mapped_column(String(16))
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    retry_at: Mapped[float | None] = mapped_column(Float)
+    """A pending item that failed and waits to be tried again: not before this time."""
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class IdempotencyRow(Base):
+    """A chat answer kept for its ``Idempotency-Key``: a retry with the same key and body gets it back."""
+
+    __tablename__ = "idempotency_keys"
+    __table_args__ = (Index("ix_idempotency_expires_at", "expires_at"),)
+
+    key: Mapped[str] = mapped_column(String(300), primary_key=True)
+    """``<client key name or ''>:<Idempotency-Key header>``."""
+    request_hash: Mapped[str] = mapped_column(String(64))
+    """SHA-256 hex of the canonical request body."""
+    status: Mapped[int] = mapped_column(Integer)
+    body: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float)

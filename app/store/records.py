@@ -44,3 +44,18 @@ class UsageTotals:
     errors: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class IdempotentAnswer:
+    """The stored answer to a request that carried an ``Idempotency-Key`` (``app.idempotency``).
+
+    ``key`` is scoped by the client key's name (``"<name or ''>:<header>"``); ``body`` is the
+    ``chat.completion`` JSON, also for an answer that was streamed."""
+
+    key: str
+    request_hash: str
+    status: int
+    body: bytes
+    created_at: float
+    expires_at: float

@@ -25,8 +25,16 @@ from app.config import AccountSpec, AliasSpec, ConfigFile
 from app.errors import ConfigError
 from app.kimi_auth import check_fresh
 from app.pool.sessions import Binding
-from app.store.models import AccountRow, ClientKeyRow, HealthEventRow, ModelAliasRow, SessionRow, UsageRow
-from app.store.records import StateChange, UsageRecord, UsageTotals
+from app.store.models import (
+    AccountRow,
+    ClientKeyRow,
+    HealthEventRow,
+    IdempotencyRow,
+    ModelAliasRow,
+    SessionRow,
+    UsageRow,
+)
+from app.store.records import IdempotentAnswer, StateChange, UsageRecord, UsageTotals
 
 KEY_PREFIX = "kp-"
 MASTER_KEY_NAME = "master"
@@ -534,3 +542,36 @@ class SessionRepository:
             delete(SessionRow).where(SessionRow.key == key).execution_options(synchronize_session=False)
         )
         return bool(cast(CursorResult[Any], result).rowcount)
+
+
+class IdempotencyRepository:
+    """Stored answers to requests that carried an ``Idempotency-Key`` (``app.idempotency``), one row per
+    scoped key."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def get(self, key: str, now: float) -> IdempotentAnswer | None:
+        """The answer stored for ``key``, unless it has expired at ``now``."""
+        row = await self._session.scalar(
+            select(IdempotencyRow).where(IdempotencyRow.key == key, IdempotencyRow.expires_at > now))
+        if row is None:
+            return None
+        return IdempotentAnswer(key=row.key, request_hash=row.request_hash, status=row.status, body=row.body,
+                                created_at=row.created_at, expires_at=row.expires_at)
+
+    async def put_many(self, answers: Sequence[IdempotentAnswer]) -> None:
+        """Write the answers, replacing any row of the same key (an expired one not purged yet)."""
+        for start in range(0, len(answers), _CHUNK):
+            chunk = answers[start:start + _CHUNK]
+            await self._session.execute(
+                delete(IdempotencyRow).where(IdempotencyRow.key.in_([a.key for a in chunk]))
+                .execution_options(synchronize_session=False))
+            await self._session.execute(insert(IdempotencyRow), [dataclasses.asdict(a) for a in chunk])
+
+    async def purge(self, now: float) -> int:
+        """Delete the answers expired at ``now``."""
+        result = await self._session.execute(
+            delete(IdempotencyRow).where(IdempotencyRow.expires_at <= now)
+            .execution_options(synchronize_session=False))
+        return int(cast(CursorResult[Any], result).rowcount or 0)

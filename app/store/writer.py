@@ -1,14 +1,19 @@
 """Write-behind: the request path hands records over without ever awaiting the database.
 
-``put_usage``, ``put_state`` and ``put_session`` are plain synchronous appends to in-memory buffers. A background
-task flushes them in one transaction every ``interval`` seconds (on the injected clock), or at once
-when ``max_batch`` usage records are waiting. A failed flush keeps the records and tries again on
-the next tick; the buffers are bounded (``max_buffer``) and drop their oldest entries, with a
-warning, when the database stays away too long. ``close()`` stops the task and flushes what is left.
+``put_usage``, ``put_state``, ``put_session`` and ``put_idempotent`` are plain synchronous appends to
+in-memory buffers. A background task flushes them in one transaction every ``interval`` seconds (on
+the injected clock), or at once when ``max_batch`` usage records are waiting. A failed flush keeps
+the records and tries again on the next tick; the buffers are bounded (``max_buffer``) and drop
+their oldest entries, with a warning, when the database stays away too long. ``close()`` stops the
+task and flushes what is left.
 
 Progress is observable: ``flushes`` counts flushes that wrote something, ``failures`` counts flushes
 that raised (whether the background task, ``close()`` or a caller ran them), and ``wait_flushes`` /
 ``wait_failures`` return once a count is reached, so tests and operators wait on events, not time.
+
+Idempotent answers are read back before they are written: ``idempotent(key)`` finds one that is
+queued or being written, so between ``put_idempotent`` and the commit that stores it, an answer is
+always either here or in the database. A flush that writes answers also deletes the expired ones.
 """
 
 from __future__ import annotations
@@ -22,8 +27,14 @@ from typing import TypeVar
 from app.clock import Clock
 from app.pool.sessions import Binding
 from app.store.db import Database
-from app.store.records import StateChange, UsageRecord
-from app.store.repository import AccountRepository, HealthRepository, SessionRepository, UsageRepository
+from app.store.records import IdempotentAnswer, StateChange, UsageRecord
+from app.store.repository import (
+    AccountRepository,
+    HealthRepository,
+    IdempotencyRepository,
+    SessionRepository,
+    UsageRepository,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +56,8 @@ class WriteBehind:
         self._events: deque[StateChange] = deque()
         self._states: dict[str, _State] = {}
         self._sessions: dict[str, Binding] = {}
+        self._answers: dict[str, IdempotentAnswer] = {}
+        self._writing_answers: dict[str, IdempotentAnswer] = {}  # taken by the flush in progress
         self._dropped = 0
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()
@@ -73,10 +86,18 @@ class WriteBehind:
         """Persist a conversation binding as it is now (a copy; the latest per key wins)."""
         self._sessions[binding.key] = dataclasses.replace(binding)
 
+    def put_idempotent(self, answer: IdempotentAnswer) -> None:
+        """Store the answer to a request with an ``Idempotency-Key`` (the latest per key wins)."""
+        self._answers[answer.key] = answer
+
+    def idempotent(self, key: str) -> IdempotentAnswer | None:
+        """The answer put for ``key`` that is not in the database yet (queued, or in the flush under way)."""
+        return self._answers.get(key) or self._writing_answers.get(key)
+
     @property
     def pending(self) -> int:
         """How many records wait to be written."""
-        return len(self._usage) + len(self._events) + len(self._states) + len(self._sessions)
+        return len(self._usage) + len(self._events) + len(self._states) + len(self._sessions) + len(self._answers)
 
     # --- progress: for tests and operators --------------------------------------------------------
 
@@ -148,11 +169,13 @@ class WriteBehind:
             if not self.pending:
                 return False
             usage, events, states = list(self._usage), list(self._events), self._states
-            sessions = self._sessions
+            sessions, answers = self._sessions, self._answers
             self._usage.clear()
             self._events.clear()
             self._states = {}
             self._sessions = {}
+            self._answers = {}
+            self._writing_answers = answers
             try:
                 async with self._db.session() as session, session.begin():
                     await UsageRepository(session).add_many(usage)
@@ -161,9 +184,15 @@ class WriteBehind:
                         await accounts.save_state(account, state, until, reason)
                     await HealthRepository(session).add_many(events)
                     await SessionRepository(session).upsert_many(list(sessions.values()))
+                    if answers:
+                        idempotency = IdempotencyRepository(session)
+                        await idempotency.put_many(list(answers.values()))
+                        await idempotency.purge(self._clock.time())
             except BaseException:
-                self._requeue(usage, events, states, sessions)
+                self._requeue(usage, events, states, sessions, answers)
                 raise
+            finally:
+                self._writing_answers = {}
             return True
 
     async def _progressed(self, *, failed: bool) -> None:
@@ -179,14 +208,16 @@ class WriteBehind:
         async with self._progress:
             self._progress.notify_all()
 
-    def _requeue(self, usage: list[UsageRecord], events: list[StateChange],
-                 states: dict[str, _State], sessions: dict[str, Binding]) -> None:
+    def _requeue(self, usage: list[UsageRecord], events: list[StateChange], states: dict[str, _State],
+                 sessions: dict[str, Binding], answers: dict[str, IdempotentAnswer]) -> None:
         self._usage.extendleft(reversed(usage))
         self._events.extendleft(reversed(events))
         for account, state in states.items():
             self._states.setdefault(account, state)  # a newer state put meanwhile wins
         for key, binding in sessions.items():
             self._sessions.setdefault(key, binding)
+        for key, answer in answers.items():
+            self._answers.setdefault(key, answer)
         self._dropped += _trim(self._usage, self._max_buffer) + _trim(self._events, self._max_buffer)
 
     async def _run(self) -> None:

@@ -119,3 +119,45 @@ async def test_a_request_waits_for_its_sessions_account_while_it_could_serve_in_
     pool.report(pool.accounts["a0"], RateLimited("x", retry_after=120))
     moved = await admission.acquire("m", 1, client="k", deadline=T0 + 30, prefer="a0")
     assert moved.account.name == "a1", "a0 cools past the deadline: the session moves"
+
+
+async def test_waiting_interactive_requests_are_served_before_waiting_batch_requests() -> None:
+    _clock, _pool, admission = make({"concurrency": 1})
+    held = await admission.acquire("m", 1, client="k", deadline=T0 + 30)
+    served: list[str] = []
+    leases: asyncio.Queue[Lease] = asyncio.Queue()
+
+    async def one(name: str, batch: bool) -> None:
+        leases.put_nowait(await admission.acquire("m", 1, client="k", deadline=T0 + 30, batch=batch))
+        served.append(name)
+
+    tasks = [asyncio.create_task(one(f"batch-{i}", True)) for i in range(3)]
+    await admission.wait_depth(3)
+    tasks += [asyncio.create_task(one(f"chat-{i}", False)) for i in range(2)]
+    await admission.wait_depth(5)
+    assert admission.batch_depth == 3 and admission.depth_by_client() == {"k": 5}
+    held.release()
+    for _ in range(5):
+        (await leases.get()).release()
+    await asyncio.gather(*tasks)
+    assert served == ["chat-0", "chat-1", "batch-0", "batch-1", "batch-2"]
+
+
+async def test_an_interactive_request_does_not_queue_behind_batch_waiters_nor_find_the_queue_full() -> None:
+    clock = ManualClock(T0)
+    pool = Pool(clock, interactive_share=0.5)
+    pool.put(Account(make_account_spec(name="a0", kind="moonshot", secret="sk-secret-value-123", models=["m"],
+                                       concurrency=2), "sk"))
+    admission = Admission(pool, clock, max_queue=2)
+    first = await admission.acquire("m", 1, client="batch", deadline=T0 + 30, batch=True)
+    waiting = [asyncio.create_task(admission.acquire("m", 1, client="batch", deadline=T0 + 30, batch=True))
+               for _ in range(2)]
+    await admission.wait_depth(2)
+    with pytest.raises(PoolBusy, match="queue is full"):
+        await admission.acquire("m", 1, client="batch", deadline=T0 + 30, batch=True)
+    chat = await admission.acquire("m", 1, client="chat", deadline=T0 + 30)
+    assert chat.account.name == "a0", "the slot batch work leaves free, at once"
+    for lease in (first, chat):
+        lease.release()
+    for task in waiting:
+        (await task).release()

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from app.config import make_account_spec
-from app.pool.limits import DAY, RECOVER_AFTER, RESOLUTION, DayCounter, Limits, Window, next_day
+from app.pool.limits import DAY, RECOVER_AFTER, RESOLUTION, DayCounter, Limits, Window, batch_limit, next_day
 
 T0 = 1_760_000_000.0  # 2025-10-09 08:53:20 UTC, 16:53:20 in UTC+8
 
@@ -96,3 +96,22 @@ def test_learned_limits_survive_a_configuration_reload() -> None:
     new = limits(rpm=20)
     new.carry_over(old)
     assert new.effective["rpm"] == 3 and new.rpm.used(T0) == 1
+
+
+def test_batch_work_gets_its_share_of_each_limit_rounded_down_but_never_nothing() -> None:
+    assert [batch_limit(n, 0.8) for n in (10, 5, 4, 1, 100)] == [8, 4, 3, 1, 80]
+    assert batch_limit(100, 0.71) == 71, "no float error takes one off"
+    lim = limits(rpm=10, tpm=1000, concurrency=5)
+    assert lim.has_room_batch(3, 0.8) and not lim.has_room_batch(4, 0.8) and lim.has_room(4)
+    for i in range(8):
+        assert lim.fits_batch(T0, 10, 0.8)
+        lim.charge(T0 + i * 0.01, 10)
+    assert not lim.fits_batch(T0, 10, 0.8) and lim.fits(T0, 10), "the last 2 of the minute are for interactive work"
+    assert lim.free_at(T0, 10, keep=0.8) == T0 + 60 + RESOLUTION and lim.free_at(T0, 10) == T0
+
+
+def test_the_batch_share_of_tokens_counts_everything_charged() -> None:
+    lim = limits(tpm=1000)
+    lim.charge(T0, 700)  # interactive requests
+    assert lim.fits(T0, 200) and not lim.fits_batch(T0, 200, 0.8)
+    assert lim.fits_batch(T0, 100, 0.8)

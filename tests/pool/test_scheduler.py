@@ -140,3 +140,21 @@ def test_replacing_an_account_keeps_its_in_flight_count() -> None:
     lease.release()  # the lease holds the replaced object; the live one gets its slot back
     assert pool.accounts["a"].in_flight == 0
     assert take(pool) == "a"
+
+
+def test_batch_requests_take_only_the_batch_share_of_each_account() -> None:
+    clock = ManualClock()
+    pool = Pool(clock, interactive_share=0.2)
+    for a in (account("a", concurrency=5), account("b", concurrency=1)):
+        pool.put(a)
+    batch = [pool.acquire("m1", batch=True) for _ in range(6)]
+    assert Counter(lease.account.name for lease in batch if lease is not None) == {"a": 4, "b": 1}
+    assert batch[-1] is None, "a's fifth slot is kept for interactive requests; b is too small to split"
+    chat = pool.acquire("m1")
+    assert chat is not None and chat.account.name == "a"
+    assert pool.next_free_time("m1", batch=True) == clock.time(), "only concurrency holds batch work back"
+
+
+def test_the_batch_share_is_a_fraction_below_one() -> None:
+    with pytest.raises(ValueError):
+        Pool(ManualClock(), interactive_share=1.0)

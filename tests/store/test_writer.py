@@ -16,8 +16,8 @@ from app.config import make_account_spec
 from app.pool.sessions import Binding, SessionTable
 from app.store.db import Database
 from app.store.models import HealthEventRow, UsageRow
-from app.store.records import UsageRecord
-from app.store.repository import AccountRepository, HealthRepository, SessionRepository
+from app.store.records import IdempotentAnswer, UsageRecord
+from app.store.repository import AccountRepository, HealthRepository, IdempotencyRepository, SessionRepository
 from app.store.writer import WriteBehind
 
 NOW = 1_760_000_000.0
@@ -244,5 +244,29 @@ async def test_sessions_of_a_failed_flush_are_kept_unless_put_again(tmp_path: Pa
         await db.upgrade()
         await writer.flush()
         assert [(b.key, b.account) for b in await stored_sessions(db)] == [("b", "acct"), ("a", "new")]
+    finally:
+        await db.dispose()
+
+
+async def test_an_idempotent_answer_can_be_read_back_until_it_is_in_the_database(tmp_path: Path) -> None:
+    db = Database(f"sqlite+aiosqlite:///{tmp_path}/later.db")  # no tables yet: the first flush fails
+    writer = WriteBehind(db, clock=ManualClock(NOW))
+    answer = IdempotentAnswer(key="master:k-1", request_hash="ab" * 32, status=200, body=b'{"id": "c-1"}',
+                              created_at=NOW, expires_at=NOW + 86400)
+    expired = IdempotentAnswer(key="master:k-0", request_hash="cd" * 32, status=200, body=b'{"id": "c-0"}',
+                               created_at=NOW - 86400, expires_at=NOW)
+    try:
+        writer.put_idempotent(answer)
+        writer.put_idempotent(expired)
+        with pytest.raises(Exception, match="no such table"):
+            await writer.flush()
+        assert writer.idempotent("master:k-1") == answer and writer.pending == 2  # kept for the next flush
+        await db.upgrade()
+        await writer.flush()
+        assert writer.idempotent("master:k-1") is None and writer.pending == 0
+        async with db.session() as session:
+            stored = IdempotencyRepository(session)
+            assert await stored.get("master:k-1", NOW) == answer
+            assert await stored.get("master:k-0", NOW - 1) is None  # purged by the flush that wrote k-1
     finally:
         await db.dispose()

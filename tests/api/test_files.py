@@ -1,0 +1,75 @@
+"""``/v1/files`` through the real gateway, driven by the openai SDK (and raw HTTP for what it cannot send)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from tests.conftest import MASTER_KEY, run_stack
+
+AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}
+
+
+async def test_an_upload_is_stored_and_given_back_byte_for_byte(tmp_path: Path) -> None:
+    content = '{"custom_id": "ü", "note": "not checked until a batch reads it"}\n'.encode()
+    async with run_stack(tmp_path) as stack:
+        client = stack.client()
+        uploaded = await client.files.create(file=("in.jsonl", content), purpose="batch")
+        assert uploaded.id.startswith("file-") and uploaded.bytes == len(content) and uploaded.status == "processed"
+        assert (await client.files.content(uploaded.id)).content == content
+        assert (await client.files.retrieve(uploaded.id)).model_dump() == uploaded.model_dump()
+
+
+async def test_a_file_over_the_size_limit_is_413(tmp_path: Path) -> None:
+    async with run_stack(tmp_path, settings={"max_file_bytes": 1000}) as stack:
+        client = stack.client()
+        with pytest.raises(openai.APIStatusError) as refused:
+            await client.files.create(file=("big.jsonl", b"x" * 1001), purpose="batch")
+        assert refused.value.status_code == 413
+        assert refused.value.body["code"] == "payload_too_large"  # type: ignore[index]
+        assert "limit of 1000 bytes" in refused.value.message
+        assert (await client.files.create(file=("ok.jsonl", b"x" * 1000), purpose="batch")).bytes == 1000
+        assert [f.bytes async for f in client.files.list()] == [1000], "the refused one was not kept"
+
+
+async def test_an_upload_without_a_length_is_cut_off_at_the_limit(tmp_path: Path) -> None:
+    async def endless() -> AsyncIterator[bytes]:
+        yield b'--xyz\r\nContent-Disposition: form-data; name="file"; filename="a.jsonl"\r\n\r\n'
+        for _ in range(10_000):
+            yield b"y" * 1024  # 10 MiB, more than the limit and its allowance for the form's framing
+
+    async with run_stack(tmp_path, settings={"max_file_bytes": 1000}) as stack, stack.http() as http:
+        response = await http.post("/v1/files", content=endless(),
+                                   headers={**AUTH, "Content-Type": "multipart/form-data; boundary=xyz"})
+        assert response.status_code == 413 and response.json()["error"]["code"] == "payload_too_large"
+
+
+async def test_only_batch_files_are_taken_and_a_file_is_required(tmp_path: Path) -> None:
+    async with run_stack(tmp_path) as stack, stack.http() as http:
+        client = stack.client()
+        with pytest.raises(openai.BadRequestError, match="purpose"):
+            await client.files.create(file=("a.jsonl", b"{}"), purpose="assistants")
+        missing = await http.post("/v1/files", data={"purpose": "batch"}, files={"other": ("a", b"x")}, headers=AUTH)
+        assert missing.status_code == 400 and missing.json()["error"]["param"] == "file"
+        not_a_form = await http.post("/v1/files", json={"purpose": "batch"}, headers=AUTH)
+        assert not_a_form.status_code == 400 and "multipart/form-data" in not_a_form.json()["error"]["message"]
+        assert (await http.get("/v1/files")).status_code == 401
+        with pytest.raises(openai.NotFoundError):
+            await client.files.retrieve("file-000000000000000000000000")
+        with pytest.raises(openai.BadRequestError, match="order"):
+            await client.files.list(order="sideways")  # type: ignore[arg-type]
+
+
+async def test_files_list_oldest_first_and_by_page(tmp_path: Path) -> None:
+    async with run_stack(tmp_path) as stack:
+        client = stack.client()
+        ids = []
+        for i in range(3):
+            ids.append((await client.files.create(file=(f"{i}.jsonl", b"{}"), purpose="batch")).id)
+            stack.clock.advance(1)
+        assert [f.id async for f in client.files.list(order="asc", limit=1)] == ids
+        page = await client.files.list(limit=2)
+        assert [f.id for f in page.data] == ids[:0:-1] and page.has_more
