@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from pathlib import Path
@@ -48,6 +49,14 @@ async def test_batch_run_writes_one_result_per_request(tmp_path: Path, capsys: p
         assert not (output.parent / "results.jsonl.batch.json").exists(), "done: nothing left to resume"
         out = capsys.readouterr().out
         assert "12 of 12 requests sent" in out and "12 results written" in out
+        found = re.search(r"batch (batch_\w+): 12 of 12", out)
+        assert found is not None
+        async with stack.http() as http:
+            batch = (await http.get(f"/v1/batches/{found.group(1)}", headers={"Authorization": f"Bearer {MASTER_KEY}"}
+                                    )).json()
+        shares = batch["kimi_pool"]["accounts"]
+        assert sum(shares.values()) == 12 and set(shares) == {"acct-1", "acct-2", "acct-3"}
+        assert "acct-1 " in out and "%" in out, "the progress line shows each account's share"
 
         # a second run finds everything answered and sends nothing
         assert await asyncio.to_thread(run, cli_args(stack, source, output)) == 0

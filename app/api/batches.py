@@ -17,6 +17,7 @@ from app.api.chat import read_body
 from app.api.files import caller, reply
 from app.api.schema import parse_json
 from app.batch.objects import batch_object, list_object
+from app.batch.runner import BatchRunner
 from app.errors import InvalidRequest
 
 MAX_BODY_BYTES = 64 * 1024
@@ -46,8 +47,13 @@ class Batches(HTTPEndpoint):
 
 
 async def get_batch(request: Request) -> Response:
+    """The batch, with a kimi-pool extension: ``kimi_pool.accounts``, the requests each account answered
+    (since the server started), which ``kimi-pool batch run`` shows as each account's share."""
     batches, owner = caller(request)
-    return reply(batch_object(await batches.batch(owner, request.path_params["batch_id"])))
+    body = batch_object(await batches.batch(owner, request.path_params["batch_id"]))
+    runner: BatchRunner = request.app.state.batch_runner
+    body["kimi_pool"] = {"accounts": runner.served(body["id"])}
+    return reply(body)
 
 
 async def cancel_batch(request: Request) -> Response:

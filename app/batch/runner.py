@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Collection, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
@@ -110,6 +110,8 @@ class BatchRunner:
         self._commit = GroupCommit(db, clock)
         self._jobs: dict[str, _Job] = {}
         self._in_flight = 0
+        self._served: dict[str, Counter[str]] = {}
+        """Batch → account → requests it answered, since this server started (for progress displays)."""
         self._reload = True
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -327,6 +329,10 @@ class BatchRunner:
                     job.ready.append(item)
         return started
 
+    def served(self, batch_id: str) -> dict[str, int]:
+        """How many of the batch's requests each account answered (since this server started)."""
+        return dict(self._served.get(batch_id, ()))
+
     def _start(self, job: _Job, item: PendingItem) -> None:
         ctx = RequestContext(new_id("req_"), job.owner, max_wait=self._max_wait, batch=True)
         task = asyncio.get_running_loop().create_task(self._run_item(job, item, ctx))
@@ -346,6 +352,8 @@ class BatchRunner:
                 job.ready.appendleft(item)
                 return
             await self._commit.save(result)
+            if result.state == "done" and ctx.account is not None:
+                self._served.setdefault(job.id, Counter())[ctx.account] += 1
             if result.retry_at is not None:
                 heapq.heappush(job.retries, (result.retry_at, item.line))
         except Exception:  # its result could not be stored (logged where it failed): it runs again later
