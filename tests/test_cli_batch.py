@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from app.cli import run
-from tests.batch.support import jsonl, request_line, requests
+from tests.batch.support import jsonl, request_line, requests, start
 from tests.conftest import MASTER_KEY, Stack, read_until, run_stack
 
 
@@ -99,3 +99,26 @@ async def test_ctrl_c_stops_cleanly_and_the_same_command_resumes(tmp_path: Path)
         assert sorted(results(output)) == [f"req-{i:04d}" for i in range(9)], "resumed, nothing twice"
         assert not (tmp_path / "results.jsonl.batch.json").exists()
 
+
+
+async def test_batch_list_status_and_cancel(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    async with run_stack(tmp_path, account_extra={"concurrency": 1}) as stack:
+        for key in ("sk-emu-0001", "sk-emu-0002", "sk-emu-0003"):
+            stack.emulator.script(key, [{"kind": "hold_after", "chunks": 0}])
+        client = stack.client()
+        batch_id = await start(client, requests(6))
+        await stack.emulator.wait_for(lambda e: e.held == 3)
+        where = ["--url", stack.url, "--key", MASTER_KEY]
+        capsys.readouterr()
+        assert await asyncio.to_thread(run, ["batch", "list", "--json", *where]) == 0
+        [listed] = json.loads(capsys.readouterr().out)
+        assert (listed["id"], listed["status"]) == (batch_id, "in_progress")
+        assert await asyncio.to_thread(run, ["batch", "status", batch_id, *where]) == 0
+        assert json.loads(capsys.readouterr().out)["request_counts"]["total"] == 6
+        assert await asyncio.to_thread(run, ["batch", "cancel", batch_id, *where]) == 0
+        assert capsys.readouterr().out == f"batch {batch_id}: cancelling\n"
+        stack.emulator.release()
+        assert await asyncio.to_thread(run, ["batch", "list", *where]) == 0
+        assert batch_id in capsys.readouterr().out
+        assert await asyncio.to_thread(run, ["batch", "status", "batch_nope", *where]) == 1
+        assert "404" in capsys.readouterr().err
