@@ -13,7 +13,8 @@ from app.cli_support import cli_state as _state
 from app.cli_support import console as _console
 from app.cli_support import in_db as _in_db
 from app.errors import ConfigError
-from app.store.repository import MASTER_KEY_NAME, UsageGroup, UsageLine, UsageRepository
+from app.store.repository import MASTER_KEY_NAME
+from app.store.usage import UsageGroup, UsageLine, UsageRepository
 from app.views import usage_numbers
 from app.when import WHEN_HELP, duration_seconds, parse_when, utc
 

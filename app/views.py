@@ -16,7 +16,8 @@ from app.config import mask_secret, mask_url
 from app.errors import ConfigError
 from app.kimi_auth import read_token
 from app.store.models import AccountRow, ClientKeyRow, HealthEventRow, SessionRow
-from app.store.repository import AccountRepository, AliasRepository, UsageLine
+from app.store.repository import AccountRepository, AliasRepository
+from app.store.usage import UsageLine
 
 OPERATOR_REASON = "disabled by operator"
 """The reason an account disabled by an operator shows when none was given."""

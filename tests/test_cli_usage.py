@@ -18,7 +18,7 @@ from app.cli import run
 from app.clock import ManualClock
 from app.store.db import Database
 from app.store.records import UsageRecord
-from app.store.repository import UsageRepository
+from app.store.usage import UsageRepository
 from tests.conftest import Stack, reload, run_stack
 from tests.test_cli import Cli
 

@@ -14,7 +14,8 @@ from starlette.responses import Response
 
 from app.api.admin_base import admin_of, listing, query, reply, whole
 from app.errors import InvalidRequest
-from app.store.repository import HealthRepository, UsageGroup, UsageLine, UsageRepository
+from app.store.repository import HealthRepository
+from app.store.usage import UsageGroup, UsageLine, UsageRepository
 from app.views import event_view, usage_numbers
 from app.when import WHEN_HELP, parse_when, utc
 

@@ -28,7 +28,7 @@ from app.api.state import Gateway
 from app.errors import InvalidRequest, NotFound
 from app.pool.limits import DAY, next_day
 from app.store.models import UsageRow
-from app.store.repository import SeriesGroup, SeriesPoint, UsageLine, UsageRepository
+from app.store.usage import SeriesGroup, SeriesPoint, UsageLine, UsageRepository
 from app.when import duration_seconds
 
 STATIC = Path(__file__).resolve().parent.parent / "static"

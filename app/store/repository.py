@@ -8,16 +8,13 @@ Times are passed in (``now``) from the injected clock.
 from __future__ import annotations
 
 import dataclasses
-import datetime as dt
 import hashlib
-import operator
 import re
 import secrets
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
-from sqlalchemy import CursorResult, Integer, Table, case, delete, func, insert, literal_column, or_, select, update
-from sqlalchemy import cast as sql_cast
+from sqlalchemy import CursorResult, Table, delete, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -32,18 +29,17 @@ from app.store.models import (
     IdempotencyRow,
     ModelAliasRow,
     SessionRow,
-    UsageRow,
 )
-from app.store.records import IdempotentAnswer, StateChange, UsageRecord, UsageTotals
+from app.store.records import IdempotentAnswer, StateChange
 
 KEY_PREFIX = "kp-"
 MASTER_KEY_NAME = "master"
 """The client name recorded for requests made with the master key (``app.api.auth``)."""
 _KEY_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 UpsertResult = Literal["created", "updated", "unchanged"]
-UsageGroup = Literal["account", "key", "model", "day"]
-SeriesGroup = Literal["account", "key", "model"]
 CONFIG_DISABLED_REASON = "disabled in accounts file"
+CHUNK = 1000
+"""Rows per statement in bulk writes."""
 
 
 def hash_key(key: str) -> str:
@@ -275,171 +271,6 @@ class ClientKeyRepository:
         return await self._session.scalar(select(ClientKeyRow).where(ClientKeyRow.name == name))
 
 
-_USAGE_FIELDS = tuple(f.name for f in dataclasses.fields(UsageRecord))
-_USAGE_TABLE = cast(Table, UsageRow.__table__)
-_usage_row = operator.attrgetter(*_USAGE_FIELDS)
-_CHUNK = 1000
-_PLACEHOLDERS = {"qmark": "?", "format": "%s", "numeric": ":{}", "numeric_dollar": "${}"}
-
-
-def _usage_insert_sql(paramstyle: str) -> str | None:
-    mark = _PLACEHOLDERS.get(paramstyle)
-    if mark is None:
-        return None
-    marks = ", ".join(mark.format(n) for n in range(1, len(_USAGE_FIELDS) + 1))
-    return f"INSERT INTO usage ({', '.join(_USAGE_FIELDS)}) VALUES ({marks})"
-
-
-class UsageRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self._session = session
-
-    async def add_many(self, records: Sequence[UsageRecord]) -> None:
-        """Insert in chunks of plain tuples through the driver: ~2.5 µs a row where the ORM or a Core
-        insert of dicts took ~5-7 µs, on the event loop's thread. Chunks keep each pause short."""
-        if not records:
-            return
-        connection = await self._session.connection()
-        sql = _usage_insert_sql(connection.dialect.paramstyle)
-        if sql is None:  # a named paramstyle: let SQLAlchemy bind the dicts
-            await self._session.execute(insert(_USAGE_TABLE), [dataclasses.asdict(r) for r in records])
-            return
-        rows = [_usage_row(r) for r in records]
-        for start in range(0, len(rows), _CHUNK):
-            await connection.exec_driver_sql(sql, rows[start:start + _CHUNK])
-
-    async def totals(self, since: float) -> UsageTotals:
-        """Requests, failures (HTTP status >= 400) and tokens since ``since``."""
-        row = (await self._session.execute(
-            select(
-                func.count(UsageRow.id),
-                func.coalesce(func.sum(case((UsageRow.status >= 400, 1), else_=0)), 0),
-                func.coalesce(func.sum(UsageRow.prompt_tokens), 0),
-                func.coalesce(func.sum(UsageRow.completion_tokens), 0),
-            ).where(UsageRow.ts >= since)
-        )).one()
-        return UsageTotals(*(int(value) for value in row))
-
-    async def report(self, since: float, until: float, by: UsageGroup) -> list[UsageLine]:
-        """One line per account, client key name, model or UTC day (``YYYY-MM-DD``) of the requests with
-        ``since <= ts < until``: days in order, the others busiest first. A request refused before an
-        account was chosen has ``group`` None under ``account``; one on an open gateway, under ``key``."""
-        group = (await self._usage_group(by)).label("grp")
-        rows = await self._session.execute(
-            select(group, *_line_columns())
-            .where(UsageRow.ts >= since, UsageRow.ts < until)
-            .group_by(group)
-        )
-        lines = [_line(_day(grp) if by == "day" else grp, numbers) for grp, *numbers in rows]
-        if by == "day":
-            return sorted(lines, key=lambda line: line.group or "")
-        return sorted(lines, key=lambda line: (-line.requests, line.group is None, line.group or ""))
-
-    async def _usage_group(self, by: UsageGroup) -> Any:
-        """The column (or, for ``day``, the days since the epoch in UTC) to group by."""
-        if by == "account":
-            return UsageRow.account
-        if by == "key":
-            return UsageRow.client_key
-        if by == "model":
-            return UsageRow.model
-        if by != "day":
-            raise ValueError(f"cannot group usage by {by!r}")
-        return await self._buckets(86400)
-
-    async def series(self, since: float, until: float, step: int, by: SeriesGroup) -> list[SeriesPoint]:
-        """The usage of ``since <= ts < until`` per account, client key name or model and per ``step``
-        seconds, in one GROUP BY: a point for each group and bucket that saw a request, the bucket named
-        by its start (a multiple of ``step`` seconds since the epoch); in time order, then by group."""
-        if not isinstance(step, int) or step < 1:
-            raise ValueError(f"a series step is a whole number of seconds >= 1, not {step!r}")
-        group = (await self._usage_group(by)).label("grp")
-        bucket = (await self._buckets(step)).label("bucket")
-        rows = await self._session.execute(
-            select(group, bucket, *_line_columns())
-            .where(UsageRow.ts >= since, UsageRow.ts < until)
-            .group_by(group, bucket)
-        )
-        points: list[SeriesPoint] = [(int(start) * step, _line(grp, numbers)) for grp, start, *numbers in rows]
-        return sorted(points, key=lambda point: (point[0], point[1].group is None, point[1].group or ""))
-
-    async def failures(self, since: float, limit: int = 20) -> Sequence[UsageRow]:
-        """The latest requests since ``since`` that did not end with status 200, newest first. (The
-        window bounds the rows read, walking the ``ts`` index back from now.)"""
-        return (await self._session.scalars(
-            select(UsageRow).where(UsageRow.ts >= since, UsageRow.status != 200)
-            .order_by(UsageRow.ts.desc(), UsageRow.id.desc()).limit(limit)
-        )).all()
-
-    async def _buckets(self, step: int) -> Any:
-        """``floor(ts / step)``: the number of the ``step``-second bucket since the epoch a request is in."""
-        # A literal, not a bound parameter, so that PostgreSQL sees the select and the GROUP BY as one expression.
-        buckets = UsageRow.ts / literal_column(str(int(step)))
-        if (await self._session.connection()).dialect.name == "sqlite":
-            return sql_cast(buckets, Integer)  # truncation is floor for ts >= 0; SQLite's floor() is an optional extra
-        return func.floor(buckets)  # not CAST: PostgreSQL rounds
-
-
-def _line_columns() -> tuple[Any, ...]:
-    """What a ``UsageLine`` sums, as the columns of a grouped select (``_line`` reads them back)."""
-    return (
-        func.count(UsageRow.id),
-        func.sum(case((UsageRow.status == 200, 1), else_=0)),
-        func.sum(UsageRow.prompt_tokens),
-        func.sum(UsageRow.completion_tokens),
-        func.sum(UsageRow.latency_ms),
-        func.sum(case((UsageRow.stream, 1), else_=0)),
-    )
-
-
-def _line(group: str | None, numbers: Sequence[Any]) -> UsageLine:
-    requests, ok, prompt, completion, latency, streams = numbers
-    return UsageLine(group, int(requests), int(ok), int(prompt or 0), int(completion or 0), float(latency or 0.0),
-                     int(streams))
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class UsageLine:
-    """The usage of one group (an account, a client key name, a model or a UTC day) over a window."""
-
-    group: str | None
-    requests: int = 0
-    ok: int = 0
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-    latency_ms: float = 0.0  # summed over the requests
-    streams: int = 0
-
-    @property
-    def errors(self) -> int:
-        """Requests that did not end with status 200."""
-        return self.requests - self.ok
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-    @property
-    def avg_latency_ms(self) -> float:
-        return self.latency_ms / self.requests if self.requests else 0.0
-
-    @classmethod
-    def total(cls, lines: Sequence[UsageLine]) -> UsageLine:
-        """The sum of ``lines``, with no group."""
-        return cls(None, requests=sum(line.requests for line in lines), ok=sum(line.ok for line in lines),
-                   prompt_tokens=sum(line.prompt_tokens for line in lines),
-                   completion_tokens=sum(line.completion_tokens for line in lines),
-                   latency_ms=sum(line.latency_ms for line in lines), streams=sum(line.streams for line in lines))
-
-
-SeriesPoint = tuple[int, UsageLine]
-"""One point of a usage series: the start of its bucket (seconds since the epoch) and the usage in it."""
-
-
-def _day(days: float) -> str:
-    return dt.datetime.fromtimestamp(int(days) * 86400, dt.UTC).date().isoformat()
-
-
 class HealthRepository:
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
@@ -502,13 +333,13 @@ class SessionRepository:
         stmt = module.insert(_SESSION_TABLE)
         stmt = stmt.on_conflict_do_update(index_elements=[_SESSION_TABLE.c.key],
                                           set_={name: stmt.excluded[name] for name in _SESSION_VALUES})
-        for start in range(0, len(params), _CHUNK):
-            await self._session.execute(stmt, params[start:start + _CHUNK])
+        for start in range(0, len(params), CHUNK):
+            await self._session.execute(stmt, params[start:start + CHUNK])
 
     async def _update_then_insert(self, params: Sequence[dict[str, Any]]) -> None:
         """The portable upsert, for dialects without ``ON CONFLICT``."""
-        for start in range(0, len(params), _CHUNK):
-            chunk = {p["key"]: p for p in params[start:start + _CHUNK]}
+        for start in range(0, len(params), CHUNK):
+            chunk = {p["key"]: p for p in params[start:start + CHUNK]}
             found = set(await self._session.scalars(select(SessionRow.key).where(SessionRow.key.in_(chunk))))
             for key in found:
                 await self._session.execute(
@@ -562,8 +393,8 @@ class IdempotencyRepository:
 
     async def put_many(self, answers: Sequence[IdempotentAnswer]) -> None:
         """Write the answers, replacing any row of the same key (an expired one not purged yet)."""
-        for start in range(0, len(answers), _CHUNK):
-            chunk = answers[start:start + _CHUNK]
+        for start in range(0, len(answers), CHUNK):
+            chunk = answers[start:start + CHUNK]
             await self._session.execute(
                 delete(IdempotencyRow).where(IdempotencyRow.key.in_([a.key for a in chunk]))
                 .execution_options(synchronize_session=False))

@@ -19,9 +19,9 @@ from app.store.repository import (
     AccountRepository,
     ClientKeyRepository,
     HealthRepository,
-    UsageRepository,
     hash_key,
 )
+from app.store.usage import UsageRepository
 
 NOW = 1_760_000_000.0
 
