@@ -96,7 +96,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         pool.on_state_change(persist)
         session = create_session(settings, connector=transport)
         registry = Registry.default(session, clock)
-        sync = AccountSync(db, pool, auth, clock, kinds=registry.kinds())
+        sync = AccountSync(db, pool, auth, clock)
         await sync.load()
         admission = Admission(pool, clock, max_queue=settings.max_queue)
         sessions = SessionTable(ttl=settings.session_ttl)

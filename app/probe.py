@@ -23,7 +23,7 @@ from app.store.db import Database
 from app.store.repository import AccountRepository, HealthRepository
 from app.upstreams.registry import Registry
 
-Outcome = Literal["ok", "failed", "skipped"]
+Outcome = Literal["ok", "failed"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,8 +36,7 @@ class ProbeResult:
     """The runtime state after it; an operator-disabled account stays disabled whatever this says."""
     detail: str
     outcome: Outcome = "ok"
-    """``ok``: the account works; ``failed``: it does not, or the probe could not tell;
-    ``skipped``: this build has no adapter for its kind."""
+    """``ok``: the account works; ``failed``: it does not, or the probe could not tell."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,8 +96,6 @@ async def _probe(target: _Target, registry: Registry, clock: Clock) -> _Verdict:
         result = ProbeResult(spec.name, spec.kind, target.state, after, detail, outcome)
         return _Verdict(result, until, reason, write)
 
-    if spec.kind not in registry.kinds():
-        return verdict(target.state, f"not probed: this build has no adapter for kind {spec.kind}", "skipped")
     try:
         secret = resolve_secret(spec.secret)
     except ConfigError as exc:  # the CLI's environment may lack what the server's has: judge nothing

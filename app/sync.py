@@ -43,11 +43,8 @@ def account_from_row(row: AccountRow, catalogue: Catalogue | None = None, now: f
 
 
 class AccountSync:
-    def __init__(self, db: Database, pool: Pool, auth: Authenticator, clock: Clock, *,
-                 kinds: frozenset[str]) -> None:
+    def __init__(self, db: Database, pool: Pool, auth: Authenticator, clock: Clock) -> None:
         self._db = db
-        self._kinds = kinds
-        self._skipped: set[str] = set()
         self._pool = pool
         self._auth = auth
         self._clock = clock
@@ -80,12 +77,6 @@ class AccountSync:
         now = self._clock.time()
         seen = set()
         for row in rows:
-            if row.kind not in self._kinds:
-                if row.name not in self._skipped:
-                    self._skipped.add(row.name)
-                    log.warning("account %s is of kind %s, which this build cannot serve yet; skipped",
-                                row.name, row.kind)
-                continue
             seen.add(row.name)
             current = self._pool.accounts.get(row.name)
             if current is None or current.rev != row.config_rev or rebuild:

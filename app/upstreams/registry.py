@@ -30,9 +30,6 @@ class Registry:
         except KeyError:
             raise ConfigError(f"no adapter for account kind {kind!r} in this build") from None
 
-    def kinds(self) -> frozenset[str]:
-        return frozenset(self._adapters)
-
     async def close(self) -> None:
         for adapter in self._adapters.values():
             await adapter.close()
