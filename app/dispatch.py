@@ -31,9 +31,8 @@ from app.errors import (
     UpstreamError,
 )
 from app.pool.account import Account
-from app.pool.admission import Admission
-from app.pool.scheduler import Lease, Pool
-from app.pool.sessions import Binding, SessionTable
+from app.pool.leases import Held, Leases
+from app.pool.sessions import Binding
 from app.store.records import UsageRecord
 from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Thread, Usage
 from app.upstreams.registry import Registry
@@ -76,12 +75,10 @@ class RequestContext:
 
 
 class Dispatcher:
-    def __init__(self, pool: Pool, admission: Admission, sessions: SessionTable, registry: Registry,
-                 usage: UsageSink, clock: Clock, *, failover_deadline: float = 60.0,
-                 default_max_tokens: int = 1024, observers: Sequence[RequestObserver] = ()) -> None:
-        self._pool = pool
-        self._admission = admission
-        self._sessions = sessions
+    def __init__(self, leases: Leases, registry: Registry, usage: UsageSink, clock: Clock, *,
+                 failover_deadline: float = 60.0, default_max_tokens: int = 1024,
+                 observers: Sequence[RequestObserver] = ()) -> None:
+        self._leases = leases
         self._registry = registry
         self._usage = usage
         self._clock = clock
@@ -89,8 +86,12 @@ class Dispatcher:
         self._default_max_tokens = default_max_tokens
         self._observers = tuple(observers)
 
+    @property
+    def leases(self) -> Leases:
+        return self._leases
+
     def check_model(self, model: str) -> None:
-        if model not in self._pool.models():
+        if model not in self._leases.models():
             raise ModelNotFound(f"The model '{model}' does not exist or no enabled account serves it.",
                                 param="model")
 
@@ -101,35 +102,25 @@ class Dispatcher:
         return estimate_tokens(request.messages) + (request.max_tokens or self._default_max_tokens)
 
     async def _lease(self, request: ChatRequest, tried: set[str], last: UpstreamError | None,
-                     ctx: RequestContext) -> Lease:
+                     ctx: RequestContext) -> Held:
         now = self._clock.time()
-        binding = self._sessions.get(ctx.session, now) if ctx.session else None
         try:
-            lease = await self._admission.wait_or_refuse(
-                request.model, self.cost(request), client=ctx.client, deadline=now + ctx.max_wait, exclude=tried,
-                prefer=binding.account if binding else None, batch=ctx.batch)
+            lease = await self._leases.take(request.model, self.cost(request), ctx, tried)
         except (PoolBusy, PoolUnavailable):
             if last is None:
                 raise
-            raise self._no_account(request.model, last) from None
+            raise self._no_account(request.model, last, await self._leases.next_free_in(request.model)) from None
         finally:
             ctx.waited += self._clock.time() - now
-        if ctx.session:
-            name = lease.account.name
-            if binding is None or binding.account != name:
-                binding = self._sessions.bind(ctx.session, name, self._clock.time())  # new, or the session moves
-            else:
-                self._sessions.touch(binding, self._clock.time())
-            ctx.binding = binding
         ctx.attempts += 1
         ctx.account = lease.account.name
         tried.add(lease.account.name)
         return lease
 
-    def _no_account(self, model: str, last: UpstreamError | None) -> KimiPoolError:
+    @staticmethod
+    def _no_account(model: str, last: UpstreamError | None, wait: float | None) -> KimiPoolError:
         if isinstance(last, Unsuitable):
             return last  # the request itself is the problem, not the pool
-        wait = self._pool.next_free_in(model)
         why = f" Last upstream error: {last.message}" if last is not None else ""
         if wait is None:
             return PoolUnavailable(f"No account can serve '{model}' now: all are disabled, dead or out of quota.{why}")
@@ -146,17 +137,8 @@ class Dispatcher:
             return Thread(binding.chat_id, binding.parent_id, binding.turns, keep=True)
         return Thread(keep=binding is not None)
 
-    def _keep_thread(self, ctx: RequestContext, thread: Thread) -> None:
-        """Remember in the session where its upstream chat now stands."""
-        binding = ctx.binding
-        if binding is None or thread.chat_id is None:
-            return
-        if (binding.chat_id, binding.parent_id, binding.turns) != (thread.chat_id, thread.parent_id, thread.turns):
-            self._sessions.set_upstream(binding, thread.chat_id, thread.parent_id, self._clock.time(),
-                                        turns=thread.turns)
-
-    def _failed(self, lease: Lease, error: UpstreamError, deadline: float, ctx: RequestContext) -> None:
-        self._pool.report(lease.account, error)  # first, so whoever the release wakes sees the new state
+    def _failed(self, lease: Held, error: UpstreamError, deadline: float, ctx: RequestContext) -> None:
+        self._leases.report(lease, error)  # first, so whoever the release wakes sees the new state
         self._upstream_failed(ctx, lease.account, error)
         lease.release(0)  # a refused request produced no tokens
         if not error.retryable or self._clock.time() > deadline:
@@ -186,9 +168,9 @@ class Dispatcher:
                     raise
                 usage = completion.usage or Usage(estimate_tokens(request.messages),
                                                   len(completion.content or "") // 4)
+                self._leases.succeeded(lease)
                 lease.release(usage.total_tokens)
-                self._pool.succeeded(account)
-                self._keep_thread(ctx, thread)
+                self._leases.keep_thread(ctx, thread)
                 completion.usage = usage
                 return completion
         except KimiPoolError as error:
@@ -212,7 +194,7 @@ class Dispatcher:
         status, outcome = 200, "ok"
         usage: Usage | None = None
         chars = 0
-        lease: Lease | None = None
+        lease: Held | None = None
         events: AsyncIterator[Batch] | None = None
         first_byte: float | None = None
         try:
@@ -252,12 +234,12 @@ class Dispatcher:
             if usage is None:
                 usage = Usage(estimate_tokens(request.messages), chars // 4)
                 yield [usage]
-            self._pool.succeeded(account)
-            self._keep_thread(ctx, thread)
+            self._leases.succeeded(lease)
+            self._leases.keep_thread(ctx, thread)
         except KimiPoolError as error:
             status, outcome = error.status, error.code or error.type
             if lease is not None and isinstance(error, UpstreamError):
-                self._pool.report(lease.account, error)
+                self._leases.report(lease, error)
                 self._upstream_failed(ctx, lease.account, error)
             raise
         except (asyncio.CancelledError, GeneratorExit):

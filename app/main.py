@@ -44,6 +44,7 @@ from app.logs import AccessLog
 from app.metrics import Metrics
 from app.pool.account import Account
 from app.pool.admission import Admission
+from app.pool.leases import PoolLeases
 from app.pool.scheduler import Pool
 from app.pool.sessions import SessionTable
 from app.store.db import Database
@@ -104,7 +105,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
             sessions.load(await SessionRepository(db_session).load_active(clock.time()))
         sessions.on_change(writer.put_session)
         observer, metrics_registry = Metrics.registry(pool, admission, clock)
-        dispatcher = Dispatcher(pool, admission, sessions, registry, writer, clock,
+        dispatcher = Dispatcher(PoolLeases(pool, admission, sessions, clock), registry, writer, clock,
                                 failover_deadline=settings.failover_deadline,
                                 default_max_tokens=settings.default_max_tokens,
                                 observers=(observer, AccessLog()))

@@ -21,7 +21,6 @@ from starlette.types import Receive, Scope, Send
 
 from app.api.errors import header, internal_error
 from app.api.ids import Ids
-from app.api.pool_status import Headroom
 from app.api.schema import parse_chat_request, parse_json
 from app.api.sse import DONE, ChunkRenderer, SSEResponse, completion_body
 from app.api.state import Gateway
@@ -62,7 +61,6 @@ class ChatCompletions:
         self._gateway = gateway
         self._ids = ids
         self._idempotency = idempotency
-        self._headroom = Headroom(gateway.pool)
         origins = gateway.settings.cors_origins
         self._any_origin = "*" in origins
         self._origins = frozenset(o.encode() for o in origins)
@@ -134,7 +132,7 @@ class ChatCompletions:
             completion_id = self._ids.completion_id()
             now = gateway.clock.time()
             created = int(now)
-            headers += self._headroom.headers(chat.model, now)
+            headers += gateway.dispatcher.leases.headroom(chat.model, now)
             if not chat.stream:
                 completion = await gateway.dispatcher.complete(chat, ctx)
                 body = orjson.dumps(completion_body(completion, completion_id, created, chat.model))

@@ -1,0 +1,118 @@
+"""Where the dispatcher gets its accounts: a lease, the session it belongs to, and what it reports back.
+
+``Leases`` is the dispatcher's whole view of the pool. ``PoolLeases`` answers from the pool, the
+admission queue and the session table of this process; with ``serve --workers N`` the workers use
+``app.workers.client.RemoteLeases`` instead, which asks the one process that holds them (the keeper),
+so limits, cooldowns, sessions and the round-robin position stay one set for every worker.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Protocol
+
+from app.clock import Clock
+from app.pool.account import Account
+from app.pool.admission import Admission
+from app.pool.headroom import Headroom
+from app.pool.scheduler import Pool
+from app.pool.sessions import Binding, SessionTable
+
+if TYPE_CHECKING:
+    from app.dispatch import RequestContext
+    from app.errors import UpstreamError
+    from app.upstreams.base import Thread
+
+
+class Held(Protocol):
+    """An account taken for one request. ``release`` gives it back (once) and trues up the cost."""
+
+    @property
+    def account(self) -> Account: ...
+
+    def release(self, tokens: int | None = None) -> None: ...
+
+
+class Leases(Protocol):
+    def models(self) -> frozenset[str]:
+        """Models some enabled account serves (asked on every request: must be cheap)."""
+        ...
+
+    async def take(self, model: str, cost: int, ctx: RequestContext, exclude: set[str]) -> Held:
+        """An account for the request, waiting up to ``ctx.max_wait`` for one with room; the session's
+        account when it can take it (``ctx.binding`` is set to the session's binding). ``PoolBusy`` or
+        ``PoolUnavailable`` when none can."""
+        ...
+
+    def report(self, held: Held, error: UpstreamError) -> None:
+        """The upstream failed on this lease (before it is released): cool or retire the account."""
+        ...
+
+    def succeeded(self, held: Held) -> None: ...
+
+    def keep_thread(self, ctx: RequestContext, thread: Thread) -> None:
+        """Remember in the session where its upstream chat now stands."""
+        ...
+
+    async def next_free_in(self, model: str) -> float | None:
+        """Seconds until some account could take ``model``; None if none can without an operator."""
+        ...
+
+    def headroom(self, model: str, now: float) -> list[tuple[bytes, bytes]]:
+        """The ``x-ratelimit-*`` headers for ``model``."""
+        ...
+
+
+class PoolLeases:
+    """``Leases`` from this process's pool, admission queue and session table."""
+
+    def __init__(self, pool: Pool, admission: Admission, sessions: SessionTable, clock: Clock) -> None:
+        self._pool = pool
+        self._admission = admission
+        self._sessions = sessions
+        self._clock = clock
+        self._headroom = Headroom(pool)
+        self.models = pool.models
+
+    async def take(self, model: str, cost: int, ctx: RequestContext, exclude: set[str]) -> Held:
+        now = self._clock.time()
+        binding = self._sessions.get(ctx.session, now) if ctx.session else None
+        lease = await self._admission.wait_or_refuse(
+            model, cost, client=ctx.client, deadline=now + ctx.max_wait, exclude=exclude,
+            prefer=binding.account if binding else None, batch=ctx.batch)
+        if ctx.session:
+            ctx.binding = self.bound(ctx.session, binding, lease.account.name)
+        return lease
+
+    def bound(self, session: str, binding: Binding | None, account: str) -> Binding:
+        """The session's binding now that ``account`` took its request: new, moved or touched."""
+        if binding is None or binding.account != account:
+            return self._sessions.bind(session, account, self._clock.time())  # new, or the session moves
+        self._sessions.touch(binding, self._clock.time())
+        return binding
+
+    def report(self, held: Held, error: UpstreamError) -> None:
+        self._pool.report(held.account, error)
+
+    def succeeded(self, held: Held) -> None:
+        self._pool.succeeded(held.account)
+
+    def keep_thread(self, ctx: RequestContext, thread: Thread) -> None:
+        binding = ctx.binding
+        if binding is None or thread.chat_id is None:
+            return
+        if (binding.chat_id, binding.parent_id, binding.turns) != (thread.chat_id, thread.parent_id, thread.turns):
+            self._sessions.set_upstream(binding, thread.chat_id, thread.parent_id, self._clock.time(),
+                                        turns=thread.turns)
+
+    def set_thread(self, session: str, account: str, chat_id: str | None, parent_id: str | None,
+                   turns: int) -> None:
+        """``keep_thread`` for a session named by key (a worker's report, through the keeper)."""
+        binding = self._sessions.get(session, self._clock.time())
+        if binding is not None and binding.account == account:
+            self._sessions.set_upstream(binding, chat_id, parent_id, self._clock.time(), turns=turns)
+
+    async def next_free_in(self, model: str) -> float | None:
+        return self._pool.next_free_in(model)
+
+    def headroom(self, model: str, now: float) -> list[tuple[bytes, bytes]]:
+        return self._headroom.headers(model, now)
