@@ -37,6 +37,9 @@ def serve(
                               "to interactive requests.")] = 0.2,
     batch_concurrency: Annotated[int, typer.Option(
         min=1, max=100_000, help="Most batch requests in flight at once; the pool paces them.")] = 256,
+    workers: Annotated[int, typer.Option(
+        min=1, max=64, help="Processes serving chat completions, for more cores; limits, cooldowns, sessions and "
+                            "the round robin stay shared.")] = 1,
 ) -> None:
     """Serve the OpenAI-compatible gateway. The database is migrated to the current schema first."""
     if log_level not in ("debug", "info", "warning", "error"):
@@ -46,7 +49,8 @@ def serve(
     settings = Settings.from_env(db_url=_state(ctx).db_url, host=host, port=port, accounts_file=accounts,
                                  log_level=log_level, log_format=log_format, max_wait=max_wait,
                                  max_queue=max_queue, shutdown_grace=float(shutdown_grace),
-                                 interactive_share=interactive_share, batch_concurrency=batch_concurrency)
+                                 interactive_share=interactive_share, batch_concurrency=batch_concurrency,
+                                 workers=workers)
     serve_gateway(settings)
 
 

@@ -88,6 +88,9 @@ class Settings:
     """How long one batch request may wait for an account with room before it is tried again later."""
     batch_max_attempts: int = 5
     """Attempts a batch request gets when the upstream keeps failing (429, 5xx) before it is an error."""
+    workers: int = 1
+    """Processes serving chat completions (``serve --workers N``); above 1, this process keeps the pool
+    and the workers lease from it."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -114,6 +117,8 @@ class Settings:
         if self.max_file_bytes < 1 or self.batch_concurrency < 1 or self.batch_max_attempts < 1 \
                 or self.batch_max_wait < 0:
             raise ConfigError("the file size limit, batch concurrency and attempts must be positive")
+        if not 1 <= self.workers <= 64:
+            raise ConfigError(f"workers must be between 1 and 64, not {self.workers}")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"bad log format {self.log_format!r}: use {' or '.join(LOG_FORMATS)}")
         if "://" not in self.db_url:

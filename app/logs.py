@@ -68,9 +68,12 @@ class AccessLog:
     ``kimi_pool.access``) and a line for each failed upstream attempt (INFO on ``kimi_pool.upstream``,
     the error's class, not the upstream's message, which could quote what it was sent)."""
 
-    def __init__(self, access: logging.Logger | None = None, upstream: logging.Logger | None = None) -> None:
+    def __init__(self, access: logging.Logger | None = None, upstream: logging.Logger | None = None, *,
+                 worker: int | None = None) -> None:
+        """``worker``: this process's index under ``serve --workers N``, added to each access line."""
         self._access = access or logging.getLogger("kimi_pool.access")
         self._upstream = upstream or logging.getLogger("kimi_pool.upstream")
+        self._worker = worker
 
     def finished(self, record: UsageRecord, waited_ms: float | None, first_byte_ms: float | None) -> None:
         if not self._access.isEnabledFor(logging.INFO):
@@ -92,6 +95,8 @@ class AccessLog:
             fields["wait_ms"] = round(waited_ms, 1)
         if first_byte_ms is not None:
             fields["first_byte_ms"] = round(first_byte_ms, 1)
+        if self._worker is not None:
+            fields["worker"] = self._worker
         self._access.info(fields)
 
     def upstream_failed(self, request_id: str, account: str, error: UpstreamError) -> None:

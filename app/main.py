@@ -9,6 +9,7 @@ import contextlib
 import gc
 import logging
 from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING
 
 import aiohttp
 import orjson
@@ -54,6 +55,9 @@ from app.sync import AccountSync
 from app.upstreams.http import create_session
 from app.upstreams.registry import Registry
 
+if TYPE_CHECKING:
+    from app.workers.supervisor import Workers
+
 log = logging.getLogger("kimi_pool")
 
 
@@ -75,7 +79,9 @@ async def import_accounts(db: Database, settings: Settings, clock: Clock) -> Non
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None,
-               transport: aiohttp.BaseConnector | None = None) -> FrontDoor:
+               transport: aiohttp.BaseConnector | None = None, workers: Workers | None = None) -> FrontDoor:
+    """The gateway. With ``workers`` this process is the keeper of ``serve --workers N``: it starts
+    them once everything is up, leases them accounts from its pool, and stops them first at shutdown."""
     clock = clock or SystemClock()
     ids = Ids()
 
@@ -105,14 +111,15 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
             sessions.load(await SessionRepository(db_session).load_active(clock.time()))
         sessions.on_change(writer.put_session)
         observer, metrics_registry = Metrics.registry(pool, admission, clock)
-        dispatcher = Dispatcher(PoolLeases(pool, admission, sessions, clock), registry, writer, clock,
+        leases = PoolLeases(pool, admission, sessions, clock)
+        dispatcher = Dispatcher(leases, registry, writer, clock,
                                 failover_deadline=settings.failover_deadline,
                                 default_max_tokens=settings.default_max_tokens,
                                 observers=(observer, AccessLog()))
         app.state.gateway = gateway = Gateway(settings, clock, auth, pool, admission, sessions, dispatcher,
                                               clock.time(), metrics_registry)
         idempotency = Idempotency(db, writer, clock, ttl=settings.idempotency_ttl)
-        app.state.chat = ChatCompletions(gateway, ids, idempotency)
+        app.state.chat = ChatCompletions(settings, clock, auth, dispatcher, ids, idempotency)
         app.state.idempotency = idempotency
         app.state.writer = writer
         app.state.sync = sync
@@ -123,11 +130,15 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         app.state.batches = BatchService(db, clock, max_file_bytes=settings.max_file_bytes, on_change=runner.notify)
         sync_task = asyncio.create_task(sync.run(settings.sync_interval))
         runner.start()  # batches left active by an earlier run resume
+        if workers is not None:
+            await workers.start(leases, writer, observer, sync)
         gc.collect()
         gc.freeze()  # what startup built lives for good: keep it out of every later collection
         try:
             yield
         finally:
+            if workers is not None:
+                await workers.stop()  # they finish their requests while the pool and the store are up
             sync_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sync_task

@@ -6,10 +6,14 @@ Kept apart from ``cli.py`` so the commands stay thin and their option parsing st
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
 import subprocess
 import sys
-from typing import Any, TextIO
+import tempfile
+from types import FrameType
+from typing import TYPE_CHECKING, Any, TextIO
 
 import uvicorn
 from starlette.types import ASGIApp
@@ -19,6 +23,9 @@ from app.config import Settings, load_accounts_toml
 from app.errors import ConfigError
 from app.logs import JsonFormatter
 from app.main import create_app
+
+if TYPE_CHECKING:
+    from app.workers.supervisor import Workers
 
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUIET_LOGGERS = ("aiosqlite",)
@@ -36,12 +43,11 @@ def configure_logging(level: str, log_format: str, stream: TextIO | None = None)
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
 
 
-def _run(app: ASGIApp, host: str, port: int, log_level: str,
-         log_config: dict[str, Any] | None = LOGGING_CONFIG, grace: float = 30.0) -> None:
-    config = uvicorn.Config(
+def _config(app: ASGIApp, log_level: str, log_config: dict[str, Any] | None = LOGGING_CONFIG,
+            grace: float = 30.0, **where: Any) -> uvicorn.Config:
+    return uvicorn.Config(
         app,
-        host=host,
-        port=port,
+        **where,
         log_level=log_level,
         log_config=log_config,
         access_log=False,  # one line per request comes from kimi-pool itself, without credentials
@@ -51,7 +57,11 @@ def _run(app: ASGIApp, host: str, port: int, log_level: str,
         timeout_graceful_shutdown=int(grace) or None,  # after SIGTERM: how long in-flight requests may finish
         server_header=False,
     )
-    uvicorn.Server(config).run()
+
+
+def _run(app: ASGIApp, host: str, port: int, log_level: str,
+         log_config: dict[str, Any] | None = LOGGING_CONFIG, grace: float = 30.0) -> None:
+    uvicorn.Server(_config(app, log_level, log_config, grace, host=host, port=port)).run()
 
 
 def migrate_in_child(db_url: str) -> None:
@@ -73,9 +83,44 @@ def serve_gateway(settings: Settings) -> None:
     # lifespan flushes usage and state) and afterwards re-raises the signal to the handler it found:
     # make that handler a no-op, so a clean shutdown ends with exit status 0, not "killed by SIGTERM".
     signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    if settings.workers > 1:
+        _serve_with_workers(settings)
+        return
     # log_config=None: uvicorn's own records go to the root handler too, in the same format
     _run(create_app(settings), settings.host, settings.port, settings.log_level, log_config=None,
          grace=settings.shutdown_grace)
+
+
+class _KeeperServer(uvicorn.Server):
+    """The keeper's server: a stop signal reaches its workers at once, so they stop accepting too."""
+
+    def __init__(self, config: uvicorn.Config, workers: Workers) -> None:
+        super().__init__(config)
+        self._workers = workers
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self._workers.signal_stop()
+        super().handle_exit(sig, frame)
+
+
+def _serve_with_workers(settings: Settings) -> None:
+    """``serve --workers N``: this process keeps the pool, the store, the batch runner and every route
+    but plain chat completions (on a private Unix socket); N worker processes serve the address."""
+    from app.clock import SystemClock
+    from app.workers.supervisor import Workers, listen
+    from app.workers.worker import HTTP_SOCKET
+
+    sockets = listen(settings.host, settings.port, settings.workers)
+    runtime = tempfile.mkdtemp(prefix="kimi-pool-")
+    try:
+        clock = SystemClock()
+        workers = Workers(settings, runtime, sockets, clock)
+        app = create_app(settings, clock=clock, workers=workers)
+        config = _config(app, settings.log_level, None, settings.shutdown_grace,
+                         uds=os.path.join(runtime, HTTP_SOCKET))
+        _KeeperServer(config, workers).run()
+    finally:
+        shutil.rmtree(runtime, ignore_errors=True)
 
 
 def serve_emulator(app: ASGIApp, host: str, port: int, log_level: str = "warning") -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 
 from app.api.auth import Authenticator
 from app.catalogue import Catalogue
@@ -43,7 +44,8 @@ def account_from_row(row: AccountRow, catalogue: Catalogue | None = None, now: f
 
 
 class AccountSync:
-    def __init__(self, db: Database, pool: Pool, auth: Authenticator, clock: Clock) -> None:
+    def __init__(self, db: Database, pool: Pool, auth: Authenticator, clock: Clock, *, quiet: bool = False) -> None:
+        """``quiet``: log nothing of the accounts (a worker's copy; the keeper logs them)."""
         self._db = db
         self._pool = pool
         self._auth = auth
@@ -53,6 +55,12 @@ class AccountSync:
         self._loading = asyncio.Lock()
         self._catalogue: Catalogue | None = None
         self._warned: dict[str, float] = {}  # account → the token expiry it was warned about
+        self._listeners: list[Callable[[], None]] = []
+        self._quiet = quiet
+
+    def on_load(self, listener: Callable[[], None]) -> None:
+        """Call ``listener()`` after every load (the keeper tells its workers to reload too)."""
+        self._listeners.append(listener)
 
     @property
     def generation(self) -> int:
@@ -71,7 +79,7 @@ class AccountSync:
             hashes = await ClientKeyRepository(session).active_hashes()
             catalogue = Catalogue.with_overrides(await AliasRepository(session).list())
         rebuild = catalogue != self._catalogue
-        if rebuild and self._catalogue is not None:
+        if rebuild and self._catalogue is not None and not self._quiet:
             log.info("model aliases changed: %s", ", ".join(sorted(catalogue.aliases)) or "none")
         self._catalogue = catalogue
         now = self._clock.time()
@@ -81,16 +89,20 @@ class AccountSync:
             current = self._pool.accounts.get(row.name)
             if current is None or current.rev != row.config_rev or rebuild:
                 self._pool.put(account_from_row(row, catalogue, now))
-                log.info("account %s loaded (rev %d)", row.name, row.config_rev)
-            if row.kind == "kimi-web":
+                if not self._quiet:
+                    log.info("account %s loaded (rev %d)", row.name, row.config_rev)
+            if row.kind == "kimi-web" and not self._quiet:
                 self._warn_lapsing(row, now)
         for name in set(self._pool.accounts) - seen:
             self._pool.remove(name)
-            log.info("account %s removed", name)
+            if not self._quiet:
+                log.info("account %s removed", name)
         self._auth.set_client_keys(hashes)
         async with self._loaded:
             self._generation += 1
             self._loaded.notify_all()
+        for listener in self._listeners:
+            listener()
 
     def _warn_lapsing(self, row: AccountRow, now: float) -> None:
         """Log once per token when a kimi-web login is about to lapse (there is no refresh flow)."""

@@ -182,12 +182,14 @@ async def read_until(stream: asyncio.StreamReader, marker: str, seen: list[str])
 
 
 @contextlib.asynccontextmanager
-async def gateway_process(tmp_path: Path, emulator_url: str, *args: str) -> AsyncIterator[tuple[
+async def gateway_process(tmp_path: Path, emulator_url: str, *args: str, accounts: str | None = None,
+                          ready: str = "Application startup complete") -> AsyncIterator[tuple[
         asyncio.subprocess.Process, str, list[str]]]:
-    """``kimi-pool serve ARGS`` in a child process, one account on the emulator; yields the process, its
-    URL and the log lines read so far (up to "Application startup complete")."""
+    """``kimi-pool serve ARGS`` in a child process with ``accounts`` (default: one account on the
+    emulator); yields the process, its URL and the log lines read so far (up to ``ready``)."""
     toml = tmp_path / "accounts.toml"
-    toml.write_text(f'[[accounts]]\nname = "acct-1"\nkind = "moonshot"\napi_key = "sk-emu-0001"\n'
+    toml.write_text(accounts if accounts is not None else
+                    f'[[accounts]]\nname = "acct-1"\nkind = "moonshot"\napi_key = "sk-emu-0001"\n'
                     f'base_url = "{emulator_url}/v1"\n')
     port = free_port()
     env = {**os.environ, "KIMI_POOL_MASTER_KEY": MASTER_KEY}
@@ -198,7 +200,7 @@ async def gateway_process(tmp_path: Path, emulator_url: str, *args: str) -> Asyn
     assert process.stderr is not None
     log: list[str] = []
     try:
-        await asyncio.wait_for(read_until(process.stderr, "Application startup complete", log), 60)
+        await asyncio.wait_for(read_until(process.stderr, ready, log), 60)
         yield process, f"http://127.0.0.1:{port}", log
     finally:
         if process.returncode is None:

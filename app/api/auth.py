@@ -46,6 +46,14 @@ class Authenticator:
             return None
         raise AuthenticationFailed("Incorrect API key provided.")
 
+    def knows(self, headers: Headers) -> bool:
+        """Whether ``authenticate`` would let these headers through."""
+        try:
+            self.authenticate(headers)
+        except AuthenticationFailed:
+            return False
+        return True
+
     def require_admin(self, headers: Headers) -> None:
         """Let an admin route through: the master key when one is set, else what the API accepts."""
         if self._master is None:

@@ -19,12 +19,14 @@ import orjson
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
+from app.api.auth import Authenticator
 from app.api.errors import header, internal_error
 from app.api.ids import Ids
 from app.api.schema import parse_chat_request, parse_json
 from app.api.sse import DONE, ChunkRenderer, SSEResponse, completion_body
-from app.api.state import Gateway
-from app.dispatch import RequestContext
+from app.clock import Clock
+from app.config import Settings
+from app.dispatch import Dispatcher, RequestContext
 from app.errors import InvalidRequest, KimiPoolError, PayloadTooLarge
 from app.idempotency import Claim, Idempotency, Transcript, replay_events, request_hash, scoped_key
 from app.pool.sessions import session_key
@@ -57,11 +59,17 @@ async def read_body(receive: Receive, declared: bytes | None, limit: int) -> byt
 
 
 class ChatCompletions:
-    def __init__(self, gateway: Gateway, ids: Ids, idempotency: Idempotency) -> None:
-        self._gateway = gateway
+    def __init__(self, settings: Settings, clock: Clock, auth: Authenticator, dispatcher: Dispatcher, ids: Ids,
+                 idempotency: Idempotency | None) -> None:
+        """``idempotency`` None: requests with an ``Idempotency-Key`` never reach this handler (a worker
+        of ``serve --workers N`` passes them to the keeper)."""
+        self._settings = settings
+        self._clock = clock
+        self._auth = auth
+        self._dispatcher = dispatcher
         self._ids = ids
         self._idempotency = idempotency
-        origins = gateway.settings.cors_origins
+        origins = settings.cors_origins
         self._any_origin = "*" in origins
         self._origins = frozenset(o.encode() for o in origins)
 
@@ -77,7 +85,7 @@ class ChatCompletions:
         return headers
 
     def _max_wait(self, scope: Scope) -> float:
-        ceiling = self._gateway.settings.max_wait
+        ceiling = self._settings.max_wait
         asked = header(scope, b"x-kimi-pool-max-wait")
         if asked is None:
             return ceiling
@@ -105,43 +113,43 @@ class ChatCompletions:
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str,
                       headers: list[tuple[bytes, bytes]], started: float) -> None:
-        gateway = self._gateway
+        dispatcher = self._dispatcher
         client = chat = None
         claim: Claim | None = None
         try:
-            client = gateway.auth.authenticate(Headers(scope=scope))
-            raw = await read_body(receive, header(scope, b"content-length"), gateway.settings.max_body_bytes)
+            client = self._auth.authenticate(Headers(scope=scope))
+            raw = await read_body(receive, header(scope, b"content-length"), self._settings.max_body_bytes)
             payload = parse_json(raw)
             chat = parse_chat_request(payload)
-            gateway.dispatcher.check_model(chat.model)
+            dispatcher.check_model(chat.model)
             max_wait = self._max_wait(scope)
             key = header(scope, b"idempotency-key")
-            if key is not None:  # may wait for a request holding the same key
+            if key is not None and self._idempotency is not None:  # may wait for a request holding the key
                 claim = await self._idempotency.claim(scoped_key(key, client), request_hash(payload))
         except KimiPoolError as error:  # turned away at the door: still one request for metrics and the log
-            gateway.dispatcher.refused(request_id, client, chat.model if chat else None,
+            dispatcher.refused(request_id, client, chat.model if chat else None,
                                        chat.stream if chat else False, error, started)
             raise
         if claim is not None and claim.replay is not None:
             await _replay(scope, receive, send, chat, claim.replay, headers)
-            gateway.dispatcher.replayed(request_id, client, chat.model, chat.stream, started)
+            dispatcher.replayed(request_id, client, chat.model, chat.stream, started)
             return
         try:
             ctx = RequestContext(request_id, client, max_wait=max_wait, session=_conversation(scope, chat, client),
                                  started=started)
             completion_id = self._ids.completion_id()
-            now = gateway.clock.time()
+            now = self._clock.time()
             created = int(now)
-            headers += gateway.dispatcher.leases.headroom(chat.model, now)
+            headers += dispatcher.leases.headroom(chat.model, now)
             if not chat.stream:
-                completion = await gateway.dispatcher.complete(chat, ctx)
+                completion = await dispatcher.complete(chat, ctx)
                 body = orjson.dumps(completion_body(completion, completion_id, created, chat.model))
                 if claim is not None:
                     claim.keep(body)  # before sending: the quota is spent even if the client is gone
                 headers.append((b"x-kimi-pool-account", (ctx.account or "").encode()))
                 await _send_json(send, 200, body, headers)
                 return
-            events = gateway.dispatcher.stream(chat, ctx)
+            events = dispatcher.stream(chat, ctx)
             first = await anext(events)  # failover happens here; an error is still a JSON answer
             headers.append((b"x-kimi-pool-account", (ctx.account or "").encode()))
             renderer = ChunkRenderer(completion_id, created, chat.model)

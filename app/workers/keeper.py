@@ -1,0 +1,212 @@
+"""The keeper's side of the lease channel: the one pool, admission queue and session table that every
+worker of ``serve --workers N`` leases from.
+
+Per worker connection:
+
+- ``take [rid, model, cost, client, max_wait, session, exclude, batch]`` → ``lease [rid, lease_id,
+  account, binding, headroom]`` (``binding``: ``[chat_id, parent_id, turns]`` of the session, or
+  null; ``headroom``: the ``x-ratelimit-*`` header pairs when they changed since last sent) or
+  ``refused [rid, "busy"|"unavailable", message, retry_after]``. A take may wait in the admission
+  queue; ``drop [rid]`` withdraws it (the client left).
+- ``release [lease_id, tokens]``, ``ok [lease_id]``, ``report [lease_id, error]``: the lease's end,
+  success, or the classified upstream failure (before its release, as in one process).
+- ``thread [session, account, chat_id, parent_id, turns]``: where the session's upstream chat stands.
+- ``failed [request_id, account, error]`` and ``done [record, waited_ms, first_byte_ms]``: for the
+  metrics; ``done`` of a dispatched request (``waited_ms`` not null) is also its usage row.
+- ``free_in [rid, model]`` → ``free_in [rid, seconds|null]``.
+- ``hello [index, pid]``: the worker is serving. The keeper sends ``reload`` after each account sync.
+
+A worker that goes away (crash, kill) has its waiting takes withdrawn and its leases released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from app.clock import Clock
+from app.dispatch import RequestContext, RequestObserver, UsageSink
+from app.errors import PoolBusy, PoolUnavailable
+from app.pool.leases import Held, PoolLeases
+from app.store.records import UsageRecord
+from app.workers.wire import Frame, FrameProtocol, decode_error
+
+log = logging.getLogger("kimi_pool.workers")
+
+
+class LeaseServer:
+    def __init__(self, leases: PoolLeases, usage: UsageSink, observers: Sequence[RequestObserver], clock: Clock,
+                 *, on_hello: Callable[[int, int], None] | None = None) -> None:
+        self._leases = leases
+        self._usage = usage
+        self._observers = tuple(observers)
+        self._clock = clock
+        self._on_hello = on_hello
+        self._connections: set[_WorkerConnection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._lease_ids = itertools.count(1)
+
+    async def start(self, path: str) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(self._connect, path)
+        os.chmod(path, 0o600)
+
+    def _connect(self) -> FrameProtocol:
+        connection = _WorkerConnection(self)
+        self._connections.add(connection)
+        return connection.protocol
+
+    def broadcast_reload(self) -> None:
+        for connection in self._connections:
+            connection.send(["reload"])
+
+    @property
+    def connected(self) -> int:
+        return len(self._connections)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            for connection in list(self._connections):
+                connection.close()
+            await self._server.wait_closed()
+
+    def next_lease_id(self) -> int:
+        return next(self._lease_ids)
+
+
+class _WorkerConnection:
+    def __init__(self, server: LeaseServer) -> None:
+        self._server = server
+        self._leases = server._leases
+        self.protocol = self._protocol = FrameProtocol(self._on_frame, self._on_lost)
+        self._held: dict[int, Held] = {}
+        self._takes: dict[int, asyncio.Task[None]] = {}
+        self._sent_headroom: dict[str, list[tuple[bytes, bytes]]] = {}
+        self._handlers: dict[str, Callable[[Frame], None]] = {
+            "take": self._take, "drop": self._drop, "release": self._release, "ok": self._ok,
+            "report": self._report, "failed": self._failed, "thread": self._thread, "done": self._done,
+            "free_in": self._free_in, "hello": self._hello,
+        }
+        self.worker = "?"
+
+    def send(self, frame: Frame) -> None:
+        self._protocol.send(frame)
+
+    def close(self) -> None:
+        self._protocol.close()
+
+    def _on_frame(self, frame: Frame) -> None:
+        handler = self._handlers.get(frame[0])
+        if handler is None:
+            log.warning("lease channel: unknown message %r from worker %s", frame[0], self.worker)
+            return
+        handler(frame)
+
+    def _on_lost(self) -> None:
+        self._server._connections.discard(self)
+        for task in self._takes.values():
+            task.cancel()
+        self._takes.clear()
+        held, self._held = self._held, {}
+        for lease in held.values():
+            lease.release()
+        if held:
+            log.warning("worker %s went away holding %d lease(s); released", self.worker, len(held))
+
+    # --- messages ------------------------------------------------------------------------------
+
+    def _hello(self, frame: Frame) -> None:
+        index, pid = int(frame[1]), int(frame[2])
+        self.worker = f"{index} (pid {pid})"
+        if self._server._on_hello is not None:
+            self._server._on_hello(index, pid)
+
+    def _take(self, frame: Frame) -> None:
+        rid = frame[1]
+        self._takes[rid] = asyncio.create_task(self._taking(rid, *frame[2:]))
+
+    async def _taking(self, rid: int, model: str, cost: int, client: str | None, max_wait: float,
+                      session: str | None, exclude: list[str], batch: bool) -> None:
+        ctx = RequestContext("", client, max_wait=max_wait, session=session, batch=batch)
+        try:
+            lease = await self._leases.take(model, cost, ctx, set(exclude))
+        except PoolBusy as error:
+            self.send(["refused", rid, "busy", error.message, error.retry_after])
+            return
+        except PoolUnavailable as error:
+            self.send(["refused", rid, "unavailable", error.message, error.retry_after])
+            return
+        finally:
+            self._takes.pop(rid, None)
+        if self._protocol.closed:
+            lease.release()
+            return
+        lease_id = self._server.next_lease_id()
+        self._held[lease_id] = lease
+        binding = ctx.binding
+        headroom: Any = self._leases.headroom(model, self._server._clock.time())
+        if self._sent_headroom.get(model) is headroom:
+            headroom = None
+        else:
+            self._sent_headroom[model] = headroom
+            headroom = [[k.decode(), v.decode()] for k, v in headroom]
+        self.send(["lease", rid, lease_id, lease.account.name,
+                   None if binding is None else [binding.chat_id, binding.parent_id, binding.turns], headroom])
+
+    def _drop(self, frame: Frame) -> None:
+        task = self._takes.pop(frame[1], None)
+        if task is not None:
+            task.cancel()
+
+    def _release(self, frame: Frame) -> None:
+        lease = self._held.pop(frame[1], None)
+        if lease is not None:
+            lease.release(frame[2])
+
+    def _ok(self, frame: Frame) -> None:
+        lease = self._held.get(frame[1])
+        if lease is not None:
+            self._leases.succeeded(lease)
+
+    def _report(self, frame: Frame) -> None:
+        lease = self._held.get(frame[1])
+        if lease is not None:
+            self._leases.report(lease, decode_error(frame[2]))
+
+    def _failed(self, frame: Frame) -> None:
+        error = decode_error(frame[3])
+        for observer in self._server._observers:
+            observer.upstream_failed(frame[1], frame[2], error)
+
+    def _thread(self, frame: Frame) -> None:
+        self._leases.set_thread(frame[1], frame[2], frame[3], frame[4], int(frame[5]))
+
+    def _done(self, frame: Frame) -> None:
+        record = UsageRecord(**frame[1])
+        waited_ms, first_byte_ms = frame[2], frame[3]
+        if waited_ms is not None:
+            self._server._usage.put_usage(record)
+        for observer in self._server._observers:
+            observer.finished(record, waited_ms, first_byte_ms)
+
+    def _free_in(self, frame: Frame) -> None:
+        rid, model = frame[1], frame[2]
+
+        async def answer() -> None:
+            self.send(["free_in", rid, await self._leases.next_free_in(model)])
+
+        task = asyncio.create_task(answer())
+        task.add_done_callback(_log_failure)
+
+
+def _log_failure(task: asyncio.Task[None]) -> None:
+    with contextlib.suppress(asyncio.CancelledError):
+        if task.exception() is not None:
+            log.error("lease channel: %s", task.exception())
+

@@ -1,0 +1,149 @@
+"""One worker process of ``serve --workers N``: the chat hot path on its own core.
+
+A worker serves ``POST /v1/chat/completions`` itself (auth, parsing, the upstream call, rendering)
+with accounts leased from the keeper (``RemoteLeases``), and passes every other request to the
+keeper (``Forwarder``). It reads its settings as JSON on stdin and serves the listening socket it
+inherits as a file descriptor; ``python -m app.workers.worker`` is how the keeper starts it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import orjson
+import uvicorn
+from starlette.applications import Starlette
+from starlette.datastructures import Headers
+from starlette.types import Receive, Scope, Send
+
+from app.api.auth import Authenticator
+from app.api.chat import ChatCompletions
+from app.api.errors import header
+from app.api.front import CHAT_PATH
+from app.api.ids import Ids
+from app.clock import Clock, SystemClock
+from app.config import Settings
+from app.dispatch import Dispatcher
+from app.logs import AccessLog
+from app.pool.scheduler import Pool
+from app.store.db import Database
+from app.sync import AccountSync
+from app.upstreams.http import create_session
+from app.upstreams.registry import Registry
+from app.workers.client import KeeperLink, NoUsage, RemoteLeases, RemoteObserver, hello
+from app.workers.forward import Forwarder
+
+log = logging.getLogger("kimi_pool.workers")
+
+LEASES_SOCKET = "leases.sock"
+HTTP_SOCKET = "http.sock"
+
+
+class WorkerFront:
+    """The worker's ASGI app: plain chat completions here, everything else to the keeper.
+
+    A chat request whose key this worker does not know goes to the keeper too: the key may have
+    been created a moment ago through the admin API (the keeper knows it at once, a worker after
+    its next reload), and the keeper answers a bad key with the same 401 as the worker would."""
+
+    def __init__(self, app: Starlette) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            state = self.app.state
+            if (scope["path"] == CHAT_PATH and scope["method"] == "POST" and header(scope, b"idempotency-key") is None
+                    and state.auth.knows(Headers(scope=scope))):
+                await state.chat(scope, receive, send)
+            else:
+                await state.forward(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def create_worker_app(settings: Settings, *, runtime: str, index: int, clock: Clock | None = None,
+                      transport: aiohttp.BaseConnector | None = None) -> WorkerFront:
+    """A worker's app, leasing from the keeper whose sockets are in the directory ``runtime``."""
+    clock = clock or SystemClock()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        db = Database(settings.db_url)
+        accounts = Pool(clock)  # this worker's copy of the accounts: never scheduled on
+        auth = Authenticator(settings.master_key)
+        sync = AccountSync(db, accounts, auth, clock, quiet=True)
+        await sync.load()
+        link = KeeperLink(on_reload=sync.load, on_lost=_keeper_lost)
+        await link.connect(os.path.join(runtime, LEASES_SOCKET))
+        session = create_session(settings, connector=transport)
+        registry = Registry.default(session, clock)
+        dispatcher = Dispatcher(RemoteLeases(link, accounts, sync.load, clock), registry, NoUsage(), clock,
+                                failover_deadline=settings.failover_deadline,
+                                default_max_tokens=settings.default_max_tokens,
+                                observers=(AccessLog(worker=index), RemoteObserver(link)))
+        forward = Forwarder(os.path.join(runtime, HTTP_SOCKET))
+        forward.start()
+        app.state.chat = ChatCompletions(settings, clock, auth, dispatcher, Ids(), None)
+        app.state.forward = forward
+        app.state.auth = auth
+        gc.collect()
+        gc.freeze()
+        hello(link, index)
+        try:
+            yield
+        finally:
+            await registry.close()
+            await session.close()
+            await forward.close()
+            link.close()  # sends what is queued (the last usage records) first
+            await db.dispose()
+
+    return WorkerFront(Starlette(lifespan=lifespan))
+
+
+def _keeper_lost() -> None:
+    log.error("the keeper process is gone; this worker stops")
+    signal.raise_signal(signal.SIGTERM)
+
+
+def settings_to_json(settings: Settings) -> dict[str, Any]:
+    fields = dataclasses.asdict(settings)
+    fields["accounts_file"] = None  # the keeper imports it; workers read the database
+    return fields
+
+
+def settings_from_json(fields: dict[str, Any]) -> Settings:
+    fields["cors_origins"] = tuple(fields.get("cors_origins") or ())
+    if fields.get("accounts_file") is not None:
+        fields["accounts_file"] = Path(fields["accounts_file"])
+    return Settings(**fields)
+
+
+def main() -> None:
+    from app.serve import configure_logging
+
+    spec = orjson.loads(sys.stdin.buffer.read())
+    settings = settings_from_json(spec["settings"])
+    configure_logging(settings.log_level, settings.log_format)
+    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)  # exit 0 after uvicorn's clean shutdown
+    listener = socket.socket(fileno=int(spec["fd"]))
+    config = uvicorn.Config(
+        create_worker_app(settings, runtime=spec["runtime"], index=int(spec["index"])),
+        log_level=settings.log_level, log_config=None, access_log=False, lifespan="on", loop="uvloop",
+        http="httptools", timeout_graceful_shutdown=int(settings.shutdown_grace) or None, server_header=False)
+    uvicorn.Server(config).run(sockets=[listener])
+
+
+if __name__ == "__main__":
+    main()
