@@ -4,7 +4,7 @@ It round-robins over the given keys and relays the upstream's bytes untouched (n
 auth, no bookkeeping). kimi-pool is measured against it in the same run; what kimi-pool costs
 beyond this is the price of being a gateway.
 
-    python bench/passthrough.py --port 9103 --upstream http://127.0.0.1:9101/v1 --key sk-emu-0001 ...
+    python bench/passthrough.py --port 9103 --upstream http://127.0.0.1:9101/v1 --key sk-emu-0001 ... [--workers 2]
 """
 
 from __future__ import annotations
@@ -12,7 +12,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import itertools
+import os
+import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 import uvicorn
@@ -50,14 +53,27 @@ def create(upstream: str, keys: list[str]) -> Starlette:
     return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"])], lifespan=lifespan)
 
 
+def from_env() -> Starlette:
+    """The app for uvicorn's worker processes (``--workers N``), configured through the environment."""
+    return create(os.environ["PASSTHROUGH_UPSTREAM"], os.environ["PASSTHROUGH_KEYS"].split(","))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--key", action="append", required=True)
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (each its own ring)")
     args = parser.parse_args()
-    uvicorn.run(create(args.upstream, args.key), host="127.0.0.1", port=args.port, log_level="warning",
-                access_log=False, loop="uvloop", http="httptools")
+    options = {"host": "127.0.0.1", "port": args.port, "log_level": "warning", "access_log": False,
+               "loop": "uvloop", "http": "httptools"}
+    if args.workers > 1:
+        os.environ["PASSTHROUGH_UPSTREAM"] = args.upstream
+        os.environ["PASSTHROUGH_KEYS"] = ",".join(args.key)
+        sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+        uvicorn.run("bench.passthrough:from_env", factory=True, workers=args.workers, **options)
+        return
+    uvicorn.run(create(args.upstream, args.key), **options)
 
 
 if __name__ == "__main__":

@@ -92,16 +92,22 @@ class Admission:
             depths[client] = depths.get(client, 0) + len(queue)
         return depths
 
+    def try_acquire(self, model: str, cost: int, *, deadline: float, exclude: frozenset[str] | set[str] = frozenset(),
+                    prefer: str | None = None, batch: bool = False) -> Lease | None:
+        """A lease at once if one is free and nobody waiting would go first; else None (no waiting)."""
+        # an interactive request goes before batch waiters, a batch request after every waiter
+        if self._depth == (self._batch_depth if not batch else 0):
+            return self._pool.acquire(model, cost, exclude, prefer=prefer, deadline=deadline, batch=batch)
+        return None
+
     async def acquire(self, model: str, cost: int, *, client: str | None, deadline: float,
                       exclude: frozenset[str] | set[str] = frozenset(), prefer: str | None = None,
                       batch: bool = False) -> Lease:
         """A lease for ``model``, waiting until ``deadline`` if need be; ``PoolBusy`` past it.
         ``batch``: the batch runner's request (its share of the pool, after interactive waiters)."""
-        # nobody waits who would go first: an interactive request goes before batch waiters
-        if self._depth == (self._batch_depth if not batch else 0):
-            lease = self._pool.acquire(model, cost, exclude, prefer=prefer, deadline=deadline, batch=batch)
-            if lease is not None:
-                return lease
+        lease = self.try_acquire(model, cost, deadline=deadline, exclude=exclude, prefer=prefer, batch=batch)
+        if lease is not None:
+            return lease
         now = self._clock.time()
         at = self._pool.next_free_time(model, cost, exclude, prefer, deadline, batch=batch)
         if at is None:

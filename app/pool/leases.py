@@ -83,6 +83,16 @@ class PoolLeases:
             ctx.binding = self.bound(ctx.session, binding, lease.account.name)
         return lease
 
+    def try_take(self, model: str, cost: int, ctx: RequestContext, exclude: set[str]) -> Held | None:
+        """``take`` when it needs no waiting (the common case); None when it might (then call ``take``)."""
+        now = self._clock.time()
+        binding = self._sessions.get(ctx.session, now) if ctx.session else None
+        lease = self._admission.try_acquire(model, cost, deadline=now + ctx.max_wait, exclude=exclude,
+                                            prefer=binding.account if binding else None, batch=ctx.batch)
+        if lease is not None and ctx.session:
+            ctx.binding = self.bound(ctx.session, binding, lease.account.name)
+        return lease
+
     def bound(self, session: str, binding: Binding | None, account: str) -> Binding:
         """The session's binding now that ``account`` took its request: new, moved or touched."""
         if binding is None or binding.account != account:

@@ -108,18 +108,20 @@ class KeeperLink:
 
 
 class RemoteLease:
-    __slots__ = ("_link", "account", "id", "released")
+    __slots__ = ("_link", "account", "id", "released", "succeeded")
 
     def __init__(self, link: KeeperLink, lease_id: int, account: Account) -> None:
         self._link = link
         self.id = lease_id
         self.account = account
         self.released = False
+        self.succeeded = False
+        """The upstream answered: told to the keeper with the release (one message, not two)."""
 
     def release(self, tokens: int | None = None) -> None:
         if not self.released:
             self.released = True
-            self._link.send(["release", self.id, tokens])
+            self._link.send(["release", self.id, tokens, self.succeeded])
 
 
 class RemoteLeases:
@@ -181,7 +183,7 @@ class RemoteLeases:
 
     def succeeded(self, held: Held) -> None:
         assert isinstance(held, RemoteLease)
-        self._link.send(["ok", held.id])
+        held.succeeded = True
 
     def keep_thread(self, ctx: RequestContext, thread: Thread) -> None:
         binding = ctx.binding

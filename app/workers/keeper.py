@@ -8,8 +8,8 @@ Per worker connection:
   null; ``headroom``: the ``x-ratelimit-*`` header pairs when they changed since last sent) or
   ``refused [rid, "busy"|"unavailable", message, retry_after]``. A take may wait in the admission
   queue; ``drop [rid]`` withdraws it (the client left).
-- ``release [lease_id, tokens]``, ``ok [lease_id]``, ``report [lease_id, error]``: the lease's end,
-  success, or the classified upstream failure (before its release, as in one process).
+- ``release [lease_id, tokens, succeeded]``, ``report [lease_id, error]``: the lease's end (and whether
+  the upstream answered), or the classified upstream failure (before its release, as in one process).
 - ``thread [session, account, chat_id, parent_id, turns]``: where the session's upstream chat stands.
 - ``failed [request_id, account, error]`` and ``done [record, waited_ms, first_byte_ms]``: for the
   metrics; ``done`` of a dispatched request (``waited_ms`` not null) is also its usage row.
@@ -89,7 +89,7 @@ class _WorkerConnection:
         self._takes: dict[int, asyncio.Task[None]] = {}
         self._sent_headroom: dict[str, list[tuple[bytes, bytes]]] = {}
         self._handlers: dict[str, Callable[[Frame], None]] = {
-            "take": self._take, "drop": self._drop, "release": self._release, "ok": self._ok,
+            "take": self._take, "drop": self._drop, "release": self._release,
             "report": self._report, "failed": self._failed, "thread": self._thread, "done": self._done,
             "free_in": self._free_in, "hello": self._hello,
         }
@@ -128,14 +128,17 @@ class _WorkerConnection:
             self._server._on_hello(index, pid)
 
     def _take(self, frame: Frame) -> None:
-        rid = frame[1]
-        self._takes[rid] = asyncio.create_task(self._taking(rid, *frame[2:]))
-
-    async def _taking(self, rid: int, model: str, cost: int, client: str | None, max_wait: float,
-                      session: str | None, exclude: list[str], batch: bool) -> None:
+        rid, model, cost, client, max_wait, session, exclude, batch = frame[1:]
         ctx = RequestContext("", client, max_wait=max_wait, session=session, batch=batch)
+        lease = self._leases.try_take(model, cost, ctx, set(exclude))
+        if lease is not None:  # most takes: no task, no waiting
+            self._grant(rid, model, ctx, lease)
+        else:
+            self._takes[rid] = asyncio.create_task(self._taking(rid, model, cost, ctx, set(exclude)))
+
+    async def _taking(self, rid: int, model: str, cost: int, ctx: RequestContext, exclude: set[str]) -> None:
         try:
-            lease = await self._leases.take(model, cost, ctx, set(exclude))
+            lease = await self._leases.take(model, cost, ctx, exclude)
         except PoolBusy as error:
             self.send(["refused", rid, "busy", error.message, error.retry_after])
             return
@@ -147,6 +150,9 @@ class _WorkerConnection:
         if self._protocol.closed:
             lease.release()
             return
+        self._grant(rid, model, ctx, lease)
+
+    def _grant(self, rid: int, model: str, ctx: RequestContext, lease: Held) -> None:
         lease_id = self._server.next_lease_id()
         self._held[lease_id] = lease
         binding = ctx.binding
@@ -167,12 +173,9 @@ class _WorkerConnection:
     def _release(self, frame: Frame) -> None:
         lease = self._held.pop(frame[1], None)
         if lease is not None:
+            if len(frame) > 3 and frame[3]:
+                self._leases.succeeded(lease)
             lease.release(frame[2])
-
-    def _ok(self, frame: Frame) -> None:
-        lease = self._held.get(frame[1])
-        if lease is not None:
-            self._leases.succeeded(lease)
 
     def _report(self, frame: Frame) -> None:
         lease = self._held.get(frame[1])

@@ -4,7 +4,7 @@ Each frame is a JSON array whose first element names the message. Writes are coa
 turn of the event loop sends leaves in a single ``write`` (a request's release, its usage record and
 the next request's lease share one syscall under load).
 
-Worker → keeper: ``hello``, ``take``, ``drop``, ``release``, ``ok``, ``report``, ``failed``,
+Worker → keeper: ``hello``, ``take``, ``drop``, ``release``, ``report``, ``failed``,
 ``thread``, ``done``, ``free_in``. Keeper → worker: ``lease``, ``refused``, ``free_in``, ``reload``.
 The handlers on both sides (``app.workers.keeper``, ``app.workers.client``) document each one.
 """
