@@ -66,7 +66,11 @@ async def healthz(request: Request) -> Response:
     states: dict[str, int] = {}
     for account in gateway.pool.accounts.values():
         states[account.state.value] = states.get(account.state.value, 0) + 1
-    return Response(orjson.dumps({"status": "ok", "accounts": states}), media_type="application/json")
+    body: dict[str, object] = {"status": "ok", "accounts": states}
+    workers: Workers | None = getattr(request.app.state, "workers", None)
+    if workers is not None:
+        body["workers"] = workers.status
+    return Response(orjson.dumps(body), media_type="application/json")
 
 
 async def import_accounts(db: Database, settings: Settings, clock: Clock) -> None:
@@ -127,6 +131,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         runner = BatchRunner(db, dispatcher, clock, models=pool.models, concurrency=settings.batch_concurrency,
                              max_wait=settings.batch_max_wait, max_attempts=settings.batch_max_attempts)
         app.state.batch_runner = runner
+        app.state.workers = workers
         app.state.batches = BatchService(db, clock, max_file_bytes=settings.max_file_bytes, on_change=runner.notify)
         sync_task = asyncio.create_task(sync.run(settings.sync_interval))
         runner.start()  # batches left active by an earlier run resume

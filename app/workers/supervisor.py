@@ -68,6 +68,11 @@ class Workers:
         self._stopping = False
         self._server: LeaseServer | None = None
 
+    @property
+    def status(self) -> dict[str, int]:
+        """Workers wanted and serving (``/healthz`` shows it)."""
+        return {"wanted": len(self._sockets), "serving": len(self._ready)}
+
     async def start(self, leases: PoolLeases, usage: UsageSink, observer: RequestObserver,
                     sync: AccountSync) -> None:
         server = LeaseServer(leases, usage, (observer,), self._clock, on_hello=self._hello)

@@ -145,6 +145,8 @@ async def test_admin_metrics_and_usage_see_every_worker_and_sigterm_exits_0(tmp_
             served = sum(float(v) for v in re.findall(r'^kimi_pool_requests_total\{[^}]*outcome="ok"[^}]*\} (\S+)',
                                                        metrics, re.M))
             assert served == 10, "the keeper's /metrics counts what both workers served"
+            health = (await admin.get("/healthz")).json()
+            assert health["workers"] == {"wanted": 2, "serving": 2}
 
             disabled = await admin.post("/admin/accounts/acct-1/disable", json={"reason": "maintenance"})
             assert disabled.status_code == 200, disabled.text
@@ -171,3 +173,21 @@ def test_workers_need_a_free_port_and_say_so_in_one_line(tmp_path: Path) -> None
     bad = subprocess.run([sys.executable, "-m", "app", "serve", "--port", str(free), "--workers", "0"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr and "--workers" in bad.stderr
+
+
+async def test_sigterm_lets_a_workers_stream_finish_and_records_it(tmp_path: Path) -> None:
+    script = {"sk-emu-0001": [{"kind": "hold_after", "chunks": 3}]}
+    async with workers(tmp_path, keys=1, script=script) as (emulator, process, url, log):
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=MASTER_KEY, max_retries=0) as client:
+            stream = await client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+            chunks = [await anext(stream)]
+            await emulator.wait_for(lambda e: e.held == 1)
+
+            process.send_signal(signal.SIGTERM)  # to the keeper only: it stops its workers
+            await asyncio.wait_for(read_until(process.stderr, "Shutting down", log), 30)
+            emulator.release()
+            chunks += [chunk async for chunk in stream]
+        assert chunks[-1].choices[0].finish_reason == "stop", "the stream in flight ran to its end"
+        assert await asyncio.wait_for(process.wait(), 60) == 0
+    with sqlite3.connect(tmp_path / "kimi-pool.db") as db:
+        assert db.execute("SELECT outcome, stream FROM usage").fetchall() == [("ok", 1)]
