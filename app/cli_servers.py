@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -46,12 +46,12 @@ def serve(
         raise ConfigError(f"bad log level {log_level!r}: use debug, info, warning or error")
     from app.serve import serve_gateway  # the server stack is imported only by the commands that run it
 
-    settings = Settings.from_env(db_url=_state(ctx).db_url, host=host, port=port, accounts_file=accounts,
-                                 log_level=log_level, log_format=log_format, max_wait=max_wait,
-                                 max_queue=max_queue, shutdown_grace=float(shutdown_grace),
-                                 interactive_share=interactive_share, batch_concurrency=batch_concurrency,
-                                 workers=workers)
-    serve_gateway(settings)
+    options: dict[str, Any] = {
+        "db_url": _state(ctx).db_url, "host": host, "port": port, "accounts_file": accounts, "log_level": log_level,
+        "log_format": log_format, "max_wait": max_wait, "max_queue": max_queue,
+        "shutdown_grace": float(shutdown_grace), "interactive_share": interactive_share,
+        "batch_concurrency": batch_concurrency, "workers": workers}
+    serve_gateway(Settings.from_env(**options), options)
 
 
 emulate_app = typer.Typer(name="emulate", no_args_is_help=True,

@@ -13,8 +13,6 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import jwt
-
 from app.errors import ConfigError
 
 WARN_BEFORE = 3 * 86_400.0
@@ -49,6 +47,8 @@ class TokenInfo:
 
 def read_token(token: str) -> TokenInfo:
     """The claims of a kimi-auth token; ``ConfigError`` (one line, no token in it) if it is not one."""
+    import jwt  # loaded only where kimi-web tokens are read
+
     try:
         claims: Any = jwt.decode(token, options={"verify_signature": False, "verify_exp": False})
     except jwt.PyJWTError:

@@ -5,6 +5,7 @@ Kept apart from ``cli.py`` so the commands stay thin and their option parsing st
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -12,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -74,10 +76,38 @@ def migrate_in_child(db_url: str) -> None:
         raise ConfigError(message.removeprefix("kimi-pool: error: "))
 
 
-def serve_gateway(settings: Settings) -> None:
+SETTINGS_ENV = "KIMI_POOL_SERVE_SETTINGS"
+"""How ``serve`` hands its options to the server process it becomes (never the master key: that one
+is read from the environment again, where it came from)."""
+
+
+def serve_gateway(settings: Settings, options: dict[str, Any]) -> None:
+    """Check the accounts file and migrate in the command line's process, then become the server:
+    exec a fresh interpreter (same pid) running ``main``, so the long-running server never loads the
+    CLI's libraries (typer, rich, pydantic: ~11 MB). ``options`` are the ``Settings`` the command set."""
     if settings.accounts_file is not None:
         load_accounts_toml(settings.accounts_file)  # a broken file fails here, in one line, before binding
     migrate_in_child(settings.db_url)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    env = {**os.environ, SETTINGS_ENV: json.dumps(options, default=str)}
+    # the arguments after -c are for ps and top only: the server reads its settings from the environment
+    os.execve(sys.executable, [sys.executable, "-c", "from app.serve import main; main()", *sys.argv[1:]], env)
+
+
+def main() -> None:
+    """The server process ``serve`` becomes. A setting it cannot use (a port taken) ends it with one line."""
+    options = json.loads(os.environ.pop(SETTINGS_ENV, "{}"))
+    if options.get("accounts_file") is not None:
+        options["accounts_file"] = Path(options["accounts_file"])
+    try:
+        run_server(Settings.from_env(**options))
+    except ConfigError as error:
+        print(f"kimi-pool: error: {error.message}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def run_server(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format)
     # uvicorn handles SIGTERM (stop accepting, let in-flight requests and streams finish, then the
     # lifespan flushes usage and state) and afterwards re-raises the signal to the handler it found:

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import re
 import secrets
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
 from sqlalchemy import CursorResult, Table, delete, insert, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import AccountSpec, AliasSpec, ConfigFile
@@ -329,7 +329,7 @@ class SessionRepository:
         if dialect not in ("sqlite", "postgresql"):
             await self._update_then_insert(params)
             return
-        module: Any = sqlite if dialect == "sqlite" else postgresql
+        module: Any = importlib.import_module(f"sqlalchemy.dialects.{dialect}")  # PostgreSQL's only when in use
         stmt = module.insert(_SESSION_TABLE)
         stmt = stmt.on_conflict_do_update(index_elements=[_SESSION_TABLE.c.key],
                                           set_={name: stmt.excluded[name] for name in _SESSION_VALUES})
