@@ -1,6 +1,10 @@
 """Open N concurrent streaming chat requests at once; report time to first token and total time.
 
-    python bench/streams.py URL N [--key KEY] [--model M]   → one JSON line on stdout
+The N connections are opened by a first, unmeasured round of the same N streams (a chat UI's
+connection is open before its user presses enter; ``--cold`` measures with the TCP handshakes).
+Each stream's times count from the moment that stream's request is sent.
+
+    python bench/streams.py URL N [--key KEY] [--model M] [--cold]   → one JSON line on stdout
 """
 
 from __future__ import annotations
@@ -19,8 +23,9 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def one(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str],
-              start: float) -> tuple[float, float, bool]:
+async def one(session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]) -> tuple[
+        float, float, bool]:
+    start = time.perf_counter()
     first = None
     done = False
     async with session.post(url, data=body, headers=headers) as response:
@@ -40,6 +45,7 @@ async def main() -> None:
     parser.add_argument("--key", default="")
     parser.add_argument("--model", default="kimi-k2-0905-preview")
     parser.add_argument("--timeout", type=float, default=120.0)
+    parser.add_argument("--cold", action="store_true", help="no warm-up round: new connections")
     args = parser.parse_args()
     body = json.dumps({"model": args.model, "stream": True,
                        "messages": [{"role": "user", "content": "stream to me"}]}).encode()
@@ -49,8 +55,11 @@ async def main() -> None:
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=args.timeout)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        if not args.cold:
+            await asyncio.gather(*(one(session, args.url, body, headers) for _ in range(args.n)),
+                                 return_exceptions=True)
         start = time.perf_counter()
-        results = await asyncio.gather(*(one(session, args.url, body, headers, start) for _ in range(args.n)),
+        results = await asyncio.gather(*(one(session, args.url, body, headers) for _ in range(args.n)),
                                        return_exceptions=True)
         wall = time.perf_counter() - start
     ok = [r for r in results if isinstance(r, tuple) and r[2]]
