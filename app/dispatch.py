@@ -103,19 +103,26 @@ class Dispatcher:
 
     async def _lease(self, request: ChatRequest, tried: set[str], last: UpstreamError | None,
                      ctx: RequestContext) -> Held:
+        cost = self.cost(request)
+        lease = self._leases.try_take(request.model, cost, ctx, tried)
+        if lease is None:
+            lease = await self._wait_for_lease(request, cost, tried, last, ctx)
+        ctx.attempts += 1
+        ctx.account = lease.account.name
+        tried.add(lease.account.name)
+        return lease
+
+    async def _wait_for_lease(self, request: ChatRequest, cost: int, tried: set[str], last: UpstreamError | None,
+                              ctx: RequestContext) -> Held:
         now = self._clock.time()
         try:
-            lease = await self._leases.take(request.model, self.cost(request), ctx, tried)
+            return await self._leases.take(request.model, cost, ctx, tried)
         except (PoolBusy, PoolUnavailable):
             if last is None:
                 raise
             raise self._no_account(request.model, last, await self._leases.next_free_in(request.model)) from None
         finally:
             ctx.waited += self._clock.time() - now
-        ctx.attempts += 1
-        ctx.account = lease.account.name
-        tried.add(lease.account.name)
-        return lease
 
     @staticmethod
     def _no_account(model: str, last: UpstreamError | None, wait: float | None) -> KimiPoolError:

@@ -37,6 +37,10 @@ class Leases(Protocol):
         """Models some enabled account serves (asked on every request: must be cheap)."""
         ...
 
+    def try_take(self, model: str, cost: int, ctx: RequestContext, exclude: set[str]) -> Held | None:
+        """``take`` when it needs no waiting (the common case, without a coroutine); None: call ``take``."""
+        ...
+
     async def take(self, model: str, cost: int, ctx: RequestContext, exclude: set[str]) -> Held:
         """An account for the request, waiting up to ``ctx.max_wait`` for one with room; the session's
         account when it can take it (``ctx.binding`` is set to the session's binding). ``PoolBusy`` or

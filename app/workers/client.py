@@ -138,6 +138,9 @@ class RemoteLeases:
         self._headroom: dict[str, list[tuple[bytes, bytes]]] = {}
         self.models = accounts.models
 
+    def try_take(self, model: str, cost: int, ctx: RequestContext, exclude: set[str]) -> Held | None:
+        return None  # the keeper decides: always a round trip
+
     async def take(self, model: str, cost: int, ctx: RequestContext, exclude: set[str]) -> Held:
         link = self._link
         try:
@@ -151,6 +154,9 @@ class RemoteLeases:
         except asyncio.CancelledError:
             if link.forget(rid):
                 link.send(["drop", rid])
+            elif (future.done() and not future.cancelled() and future.exception() is None
+                  and future.result()[0] == "lease"):
+                link.send(["release", future.result()[2], 0])  # granted just as the client left
             raise
         except KeeperLost:
             raise PoolUnavailable("This kimi-pool worker lost its keeper process; retry shortly.",
