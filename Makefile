@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: setup serve test lint browser bench profile emulate clean
+.PHONY: setup serve test lint browser bench bench-workers profile emulate clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,13 @@ bench: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) bench/run.py
 	$(PY) bench/report.py
+	$(PY) -m bench.latency
+
+# What a second worker process buys (nothing pinned; several minutes).
+bench-workers: $(STAMP)
+	@command -v wrk >/dev/null || (apt-get update -qq && apt-get install -y -qq wrk)
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m bench.workers
 
 profile: $(STAMP)
 	$(PY) -m pip install -q -e '.[dev,bench]'
