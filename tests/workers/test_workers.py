@@ -148,6 +148,19 @@ async def test_admin_metrics_and_usage_see_every_worker_and_sigterm_exits_0(tmp_
             health = (await admin.get("/healthz")).json()
             assert health["workers"] == {"wanted": 2, "serving": 2}
 
+            async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=MASTER_KEY, max_retries=0) as client:
+                first = await client.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=MESSAGES, extra_headers={"Idempotency-Key": "order-42"})
+                again = await client.chat.completions.with_raw_response.create(
+                    model=MODEL, messages=MESSAGES, extra_headers={"Idempotency-Key": "order-42"})
+                assert again.headers.get("idempotent-replayed") == "true", "keyed requests are claimed in one place"
+                assert again.parse().id == first.parse().id
+
+                uploaded = await client.files.create(file=("in.jsonl", b'{"custom_id": "a"}\n' * 5000),
+                                                     purpose="batch")
+                content = await client.files.content(uploaded.id)
+                assert content.content == b'{"custom_id": "a"}\n' * 5000, "an upload streams through a worker intact"
+
             disabled = await admin.post("/admin/accounts/acct-1/disable", json={"reason": "maintenance"})
             assert disabled.status_code == 200, disabled.text
             assert {await ask(url) for _ in range(6)} == {"acct-2"}, "an operator's disable reaches every worker"
@@ -156,7 +169,7 @@ async def test_admin_metrics_and_usage_see_every_worker_and_sigterm_exits_0(tmp_
         assert await asyncio.wait_for(process.wait(), 60) == 0
     with sqlite3.connect(tmp_path / "kimi-pool.db") as db:
         rows = db.execute("SELECT client_key, count(*) FROM usage GROUP BY client_key ORDER BY 1").fetchall()
-    assert rows == [("master", 15), ("team-a", 1)], "every worker's requests are in the usage table"
+    assert rows == [("master", 16), ("team-a", 1)], "every worker's requests are in the usage table (a replay is not)"
 
 
 def test_workers_need_a_free_port_and_say_so_in_one_line(tmp_path: Path) -> None:
