@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from app.api.schema import estimate_tokens
 from app.clock import Clock
 from app.errors import (
+    ClientGone,
     KimiPoolError,
     ModelNotFound,
     PoolBusy,
@@ -72,6 +73,9 @@ class RequestContext:
     """The session's binding once a lease was taken (None: a one-off request)."""
     batch: bool = False
     """A batch job's request: it gets the pool's batch share, after waiting interactive requests."""
+    gone: Callable[[], Awaitable[None]] | None = None
+    """Returns when the client has closed its connection (None: not watched). Watched only while the
+    request waits for an account, so a client that gives up never costs an upstream call."""
 
 
 class Dispatcher:
@@ -116,13 +120,37 @@ class Dispatcher:
                               ctx: RequestContext) -> Held:
         now = self._clock.time()
         try:
-            return await self._leases.take(request.model, cost, ctx, tried)
+            if ctx.gone is None:
+                return await self._leases.take(request.model, cost, ctx, tried)
+            return await self._take_unless_gone(request.model, cost, ctx, tried, ctx.gone)
         except (PoolBusy, PoolUnavailable):
             if last is None:
                 raise
             raise self._no_account(request.model, last, await self._leases.next_free_in(request.model)) from None
         finally:
             ctx.waited += self._clock.time() - now
+
+    async def _take_unless_gone(self, model: str, cost: int, ctx: RequestContext, tried: set[str],
+                                gone: Callable[[], Awaitable[None]]) -> Held:
+        taking = asyncio.ensure_future(self._leases.take(model, cost, ctx, tried))
+        watching = asyncio.ensure_future(gone())
+        try:
+            await asyncio.wait((taking, watching), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            taking.cancel()
+            raise
+        finally:
+            watching.cancel()
+        if not taking.done():
+            taking.cancel()
+            try:
+                await taking
+            except (asyncio.CancelledError, PoolBusy, PoolUnavailable):
+                pass
+            else:
+                taking.result().release(0)  # granted as the client left
+            raise ClientGone("The client closed the connection while the request waited for an account.")
+        return taking.result()
 
     @staticmethod
     def _no_account(model: str, last: UpstreamError | None, wait: float | None) -> KimiPoolError:

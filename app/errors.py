@@ -135,6 +135,15 @@ class PoolUnavailable(KimiPoolError):
         return _retry_after_header(self.retry_after)
 
 
+class ClientGone(KimiPoolError):
+    """The client closed its connection while its request waited for an account: it is dropped
+    before it reaches an upstream (nobody would read the answer)."""
+
+    status = 499
+    type = "client_closed"
+    code = "client_closed"
+
+
 # --- upstream, classified once in the adapter -----------------------------------------------------
 
 

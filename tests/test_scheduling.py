@@ -166,3 +166,22 @@ async def test_a_cooling_account_is_shown_by_accounts_list_with_its_end(tmp_path
         assert await asyncio.to_thread(run, ["--db", stack.db_url, "accounts", "list", "--json"]) == 0
         listed = {a["name"]: a for a in json.loads(capsys.readouterr().out)}
         assert listed["acct-1"]["state"] == "cooling_down"
+
+
+async def test_a_client_that_gives_up_while_queued_leaves_at_once_and_costs_no_upstream_call(
+        tmp_path: Path) -> None:
+    async with run_stack(tmp_path, keys=["sk-emu-0001"], account_extra={"concurrency": 1}) as stack:
+        stack.emulator.script("sk-emu-0001", [{"kind": "hold_after", "chunks": 0}])
+        first = asyncio.create_task(stack.client().chat.completions.create(model=MODEL, messages=HELLO))
+        await stack.emulator.wait_for(lambda e: e.held == 1)
+        queued = asyncio.create_task(stack.client().chat.completions.create(model=MODEL, messages=HELLO))
+        await stack.gateway.admission.wait_depth(1)
+
+        queued.cancel()  # the user pressed stop (or the batch client timed out): the connection closes
+        await asyncio.wait_for(stack.gateway.admission.wait_depth(0), 10)  # it left without waiting for the account
+        stack.emulator.release()
+        assert (await first).choices[0].message.content
+        assert stack.emulator.snapshot()["totals"]["requests"] == 1, "the abandoned request was never sent"
+        async with stack.http() as http:
+            metrics = (await http.get("/metrics", headers={"Authorization": f"Bearer {MASTER_KEY}"})).text
+        assert re.search(r'kimi_pool_requests_total\{[^}]*outcome="client_closed"[^}]*\} 1\.0', metrics)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import orjson
 from starlette.datastructures import Headers
@@ -136,7 +136,7 @@ class ChatCompletions:
             return
         try:
             ctx = RequestContext(request_id, client, max_wait=max_wait, session=_conversation(scope, chat, client),
-                                 started=started)
+                                 started=started, gone=_disconnect_of(receive))
             completion_id = self._ids.completion_id()
             now = self._clock.time()
             created = int(now)
@@ -171,6 +171,17 @@ def _conversation(scope: Scope, chat: ChatRequest, client: str | None) -> str | 
         return None
     return session_key(session_header=named.decode("latin-1") if named else None, user=user, client=client,
                        messages=chat.messages)
+
+
+def _disconnect_of(receive: Receive) -> Callable[[], Awaitable[None]]:
+    """What returns when the client has closed its connection (the body has been read: the next
+    message is the disconnect)."""
+
+    async def gone() -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    return gone
 
 
 async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:

@@ -204,3 +204,22 @@ async def test_sigterm_lets_a_workers_stream_finish_and_records_it(tmp_path: Pat
         assert await asyncio.wait_for(process.wait(), 60) == 0
     with sqlite3.connect(tmp_path / "kimi-pool.db") as db:
         assert db.execute("SELECT outcome, stream FROM usage").fetchall() == [("ok", 1)]
+
+
+async def test_a_client_leaving_the_keepers_queue_through_a_worker_costs_nothing(tmp_path: Path) -> None:
+    script = {"sk-emu-0001": [{"kind": "hold_after", "chunks": 0}]}
+    async with workers(tmp_path, keys=1, script=script, concurrency=1) as (emulator, _process, url, _log):
+        first = asyncio.ensure_future(ask(url))
+        await emulator.wait_for(lambda e: e.held == 1)
+        queued = asyncio.ensure_future(ask(url))
+        async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {MASTER_KEY}"}) as http:
+            while (await http.get("/v1/pool/status")).json()["queue"]["depth"] != 1:
+                pass  # each status read is a round trip to the keeper: the request is on its way to the queue
+            queued.cancel()
+            while (await http.get("/v1/pool/status")).json()["queue"]["depth"] != 0:
+                pass  # the worker tells the keeper the request is gone
+            emulator.release()
+            assert await first == "acct-1"
+            assert emulator.snapshot()["totals"]["requests"] == 1, "the abandoned request never reached the upstream"
+            status = (await http.get("/v1/pool/status")).json()
+        assert status["accounts"][0]["in_flight"] == 0
