@@ -22,7 +22,7 @@ from pathlib import Path
 
 import aiohttp
 
-from bench.run import BIN, BODY, KEYS, OUT, PORTS, emulator_config, post, started, taskset, url_of, wait_ready
+from bench.run import BIN, BODY, KEYS, PORTS, emulator_config, post, save, started, taskset, url_of, wait_ready
 from bench.run import target_command as single_target
 from bench.streams import percentile
 
@@ -103,11 +103,7 @@ def main() -> None:
         for row, base in zip(results[name], results["direct"], strict=True):
             row["added_p50_ms"] = round(row["p50_ms"] - base["p50_ms"], 2)
             row["added_p99_ms"] = round(row["p99_ms"] - base["p99_ms"], 2)
-    payload = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "results": results,
-               "command": "python -m bench.latency " + " ".join(sys.argv[1:])}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "latency.json").write_text(json.dumps(payload, indent=2))
-    print(json.dumps(payload, indent=2))
+    save("latency.json", results, "python -m bench.latency " + " ".join(sys.argv[1:]))
 
 
 if __name__ == "__main__":

@@ -241,6 +241,14 @@ def versions(names: list[str]) -> dict[str, str]:
     return found
 
 
+def save(filename: str, results: object, command: str, **extra: object) -> None:
+    """Write a run's figures to ``bench/out/FILENAME`` (and stdout) with when and how they were made."""
+    payload = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), **extra, "results": results, "command": command}
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / filename).write_text(json.dumps(payload, indent=2))
+    print(json.dumps(payload, indent=2))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="kimi-pool side-by-side benchmark")
     parser.add_argument("--duration", type=int, default=10, help="seconds per wrk run")
@@ -275,10 +283,7 @@ def main() -> None:
                 results[name] = measure(name, proc.pid, key, args.duration)
                 emulator_config(slow)
                 results[name] |= measure_slow(name, proc.pid, key)
-    payload = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(names), "results": results,
-               "command": "python bench/run.py " + " ".join(sys.argv[1:])}
-    (OUT / "latest.json").write_text(json.dumps(payload, indent=2))
-    print(json.dumps(payload, indent=2))
+    save("latest.json", results, "python bench/run.py " + " ".join(sys.argv[1:]), versions=versions(names))
 
 
 if __name__ == "__main__":

@@ -13,23 +13,21 @@ process tree, 500 concurrent slow streams.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from bench.run import (
     BIN,
     BODY,
     KEYS,
-    OUT,
     PORTS,
     cpu_seconds,
     emulator_config,
     memory_mb,
     post,
+    save,
     started,
     streams,
     url_of,
@@ -91,11 +89,8 @@ def main() -> None:
                     for _ in range(200):  # warm up every worker
                         post(url_of(name), BODY, key)
                     results[label] = measure(name, proc.pid, key, args.duration, not args.no_streams)
-    payload = {"when": time.strftime("%Y-%m-%d %H:%M:%S"), "versions": versions(["kimi-pool"]), "results": results,
-               "command": "python -m bench.workers " + " ".join(sys.argv[1:])}
-    OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "workers.json").write_text(json.dumps(payload, indent=2))
-    print(json.dumps(payload, indent=2))
+    save("workers.json", results, "python -m bench.workers " + " ".join(sys.argv[1:]),
+         versions=versions(["kimi-pool"]))
 
 
 if __name__ == "__main__":
