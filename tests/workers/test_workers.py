@@ -14,6 +14,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from typing import Any
 import httpx
 import openai
 
+from app.emulator.kimi_web import KimiWebEmulatorConfig, create_kimi_web_emulator, mint_jwt
 from app.emulator.moonshot import MoonshotEmulatorConfig, create_moonshot_emulator
 from tests.conftest import MASTER_KEY, accounts_toml, free_port, gateway_process, read_until, serve
 
@@ -223,3 +225,26 @@ async def test_a_client_leaving_the_keepers_queue_through_a_worker_costs_nothing
             assert emulator.snapshot()["totals"]["requests"] == 1, "the abandoned request never reached the upstream"
             status = (await http.get("/v1/pool/status")).json()
         assert status["accounts"][0]["in_flight"] == 0
+
+
+async def test_a_kimi_web_conversation_continues_one_upstream_chat_whichever_worker_takes_a_turn(
+        tmp_path: Path) -> None:
+    app = create_kimi_web_emulator(KimiWebEmulatorConfig.simple(1))
+    emulator = app.state.emulator
+    async with serve(app) as emulator_url:
+        token = mint_jwt(emulator.config.users[0], now=time.time())
+        accounts = f'[[accounts]]\nname = "web-1"\nkind = "kimi-web"\ntoken = "{token}"\nbase_url = "{emulator_url}"\n'
+        async with gateway_process(tmp_path, emulator_url, "--workers", "2", accounts=accounts,
+                                   ready=READY) as (process, url, log):
+            messages: list[dict[str, str]] = []
+            for turn in range(1, 17):  # each turn on a connection of its own
+                messages.append({"role": "user", "content": f"question {turn}"})
+                async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=MASTER_KEY, max_retries=0,
+                                              default_headers={"X-Session-Id": "conv-9"}) as client:
+                    answer = await client.chat.completions.create(model="kimi-k2.5", messages=messages)  # type: ignore[arg-type]
+                messages.append({"role": "assistant", "content": answer.choices[0].message.content or ""})
+            lines = await access_lines(process, log, 16)
+    assert {line["worker"] for line in lines} == {"0", "1"}, "the turns were served by both workers"
+    [chat] = emulator.chats.values()
+    sent = [m.content for m in chat.messages if m.role == "user"]
+    assert sent == [f"question {turn}" for turn in range(1, 17)], "each turn sent only what was new, to one chat"
