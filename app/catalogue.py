@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from app.config import AccountSpec, AliasSpec
+from app.accounts_config import AccountSpec, AliasSpec
 
 BUILTIN_ALIASES: Mapping[str, Mapping[str, str]] = {
     "kimi-k2": {

@@ -16,6 +16,7 @@ import typer
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.accounts_config import load_accounts_toml, make_account_spec
 from app.cli_batch import batch_app
 from app.cli_models import models_app
 from app.cli_servers import emulate_app, serve
@@ -27,7 +28,7 @@ from app.cli_support import human_time as _human_time
 from app.cli_support import in_db as _in_db
 from app.cli_usage import usage
 from app.clock import SystemClock
-from app.config import DEFAULT_DB_URL, Settings, load_accounts_toml, make_account_spec
+from app.config import DEFAULT_DB_URL, Settings
 from app.errors import ConfigError, KimiPoolError
 from app.kimi_auth import TokenInfo, check_fresh
 from app.store.db import Database

@@ -21,6 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from app.accounts_config import load_accounts_toml
 from app.api.admin import Admin, admin_routes
 from app.api.auth import Authenticator
 from app.api.batches import batch_routes
@@ -37,7 +38,7 @@ from app.api.state import Gateway
 from app.batch.runner import BatchRunner
 from app.batch.service import BatchService
 from app.clock import Clock, SystemClock
-from app.config import Settings, load_accounts_toml
+from app.config import Settings
 from app.dispatch import Dispatcher
 from app.errors import KimiPoolError
 from app.idempotency import Idempotency

@@ -15,8 +15,8 @@ import asyncio
 from dataclasses import dataclass
 from typing import Literal
 
+from app.accounts_config import AccountSpec, resolve_secret
 from app.clock import Clock
-from app.config import AccountSpec, resolve_secret
 from app.errors import AuthDead, ConfigError, QuotaExhausted, RateLimited, UpstreamError
 from app.pool.account import Account
 from app.store.db import Database

@@ -21,7 +21,8 @@ import uvicorn
 from starlette.types import ASGIApp
 from uvicorn.config import LOGGING_CONFIG
 
-from app.config import Settings, load_accounts_toml
+from app.accounts_config import load_accounts_toml
+from app.config import Settings
 from app.errors import ConfigError
 from app.logs import JsonFormatter
 from app.main import create_app

@@ -11,10 +11,10 @@ import asyncio
 import logging
 from collections.abc import Callable
 
+from app.accounts_config import resolve_secret
 from app.api.auth import Authenticator
 from app.catalogue import Catalogue
 from app.clock import Clock
-from app.config import resolve_secret
 from app.errors import ConfigError
 from app.kimi_auth import check_fresh, read_token
 from app.pool.account import Account, State

@@ -11,8 +11,8 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.accounts_config import mask_secret, mask_url
 from app.catalogue import Catalogue
-from app.config import mask_secret, mask_url
 from app.errors import ConfigError
 from app.kimi_auth import read_token
 from app.store.models import AccountRow, ClientKeyRow, HealthEventRow, SessionRow

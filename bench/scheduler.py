@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import time
 
+from app.accounts_config import make_account_spec
 from app.clock import ManualClock
-from app.config import make_account_spec
 from app.errors import RateLimited
 from app.pool.account import Account
 from app.pool.scheduler import Pool

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from app.accounts_config import AliasSpec, load_accounts_toml, make_account_spec, make_alias
 from app.catalogue import BUILTIN_ALIASES, Catalogue
-from app.config import AliasSpec, load_accounts_toml, make_account_spec, make_alias
 from app.errors import ConfigError
 from app.pool.account import Account
 

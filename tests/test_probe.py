@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from app.accounts_config import make_account_spec
 from app.cli import run
 from app.clock import ManualClock
-from app.config import Settings, make_account_spec
+from app.config import Settings
 from app.emulator import moonshot_wire as wire
 from app.emulator.asgi import bearer_token, send_whole
 from app.emulator.moonshot import MoonshotEmulator, MoonshotEmulatorConfig, create_moonshot_emulator

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from app.accounts_config import AccountSpec
 from app.catalogue import Catalogue
-from app.config import AccountSpec
 from app.pool.limits import Limits
 
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import math
 from collections import deque
 
-from app.config import AccountSpec
+from app.accounts_config import AccountSpec
 
 MINUTE = 60.0
 DAY = 86_400.0

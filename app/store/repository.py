@@ -18,7 +18,7 @@ from typing import Any, Literal, cast
 from sqlalchemy import CursorResult, Table, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.config import AccountSpec, AliasSpec, ConfigFile
+from app.accounts_config import AccountSpec, AliasSpec, ConfigFile
 from app.errors import ConfigError
 from app.kimi_auth import check_fresh
 from app.pool.sessions import Binding

@@ -6,8 +6,8 @@ import asyncio
 
 import pytest
 
+from app.accounts_config import make_account_spec
 from app.clock import ManualClock
-from app.config import make_account_spec
 from app.errors import PoolBusy, PoolUnavailable, RateLimited
 from app.pool.account import Account
 from app.pool.admission import Admission

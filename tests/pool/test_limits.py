@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.config import make_account_spec
+from app.accounts_config import make_account_spec
 from app.pool.limits import DAY, RECOVER_AFTER, RESOLUTION, DayCounter, Limits, Window, batch_limit, next_day
 
 T0 = 1_760_000_000.0  # 2025-10-09 08:53:20 UTC, 16:53:20 in UTC+8

@@ -6,8 +6,8 @@ from collections import Counter
 
 import pytest
 
+from app.accounts_config import make_account_spec
 from app.clock import ManualClock
-from app.config import make_account_spec
 from app.errors import AuthDead, QuotaExhausted, RateLimited, Transient, UpstreamOverloaded
 from app.pool.account import Account, IllegalTransition, State
 from app.pool.scheduler import Pool

@@ -8,8 +8,8 @@ import hashlib
 import pytest
 from sqlalchemy import select
 
+from app.accounts_config import AccountSpec, make_account_spec
 from app.clock import ManualClock
-from app.config import AccountSpec, make_account_spec
 from app.errors import ConfigError
 from app.store.db import Database
 from app.store.models import ClientKeyRow

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
+from app.accounts_config import make_account_spec
 from app.clock import ManualClock
-from app.config import make_account_spec
 from app.pool.sessions import Binding, SessionTable
 from app.store.db import Database
 from app.store.models import HealthEventRow, UsageRow
