@@ -13,7 +13,7 @@ from app.cli_support import console as _console
 from app.cli_support import human_time as _human_time
 from app.cli_support import in_db as _in_db
 from app.cli_support import parse_duration as _parse_duration
-from app.store.repository import SessionRepository
+from app.store.sessions import SessionRepository
 from app.views import session_view
 
 sessions_app = typer.Typer(name="sessions", no_args_is_help=True,

@@ -50,7 +50,8 @@ from app.pool.leases import PoolLeases
 from app.pool.scheduler import Pool
 from app.pool.sessions import SessionTable
 from app.store.db import Database
-from app.store.repository import SessionRepository, import_config
+from app.store.repository import import_config
+from app.store.sessions import SessionRepository
 from app.store.writer import WriteBehind
 from app.sync import AccountSync
 from app.upstreams.http import create_session

@@ -334,7 +334,7 @@ def test_serve_and_emulate_bad_numbers_are_usage_errors(cli: Cli, args: list[str
 # --- sessions -------------------------------------------------------------------------------------
 
 from app.pool.sessions import Binding  # noqa: E402
-from app.store.repository import SessionRepository  # noqa: E402
+from app.store.sessions import SessionRepository  # noqa: E402
 
 
 def store_sessions(cli: Cli, *bindings: Binding) -> None:

@@ -12,7 +12,7 @@ from starlette.responses import Response
 
 from app.api.admin_base import admin_of, listing, query, reply, whole
 from app.errors import NotFound
-from app.store.repository import SessionRepository
+from app.store.sessions import SessionRepository
 from app.views import session_view
 
 log = logging.getLogger("kimi_pool.admin")

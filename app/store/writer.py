@@ -28,7 +28,8 @@ from app.clock import Clock
 from app.pool.sessions import Binding
 from app.store.db import Database
 from app.store.records import IdempotentAnswer, StateChange, UsageRecord
-from app.store.repository import AccountRepository, HealthRepository, IdempotencyRepository, SessionRepository
+from app.store.repository import AccountRepository, HealthRepository, IdempotencyRepository
+from app.store.sessions import SessionRepository
 from app.store.usage import UsageRepository
 
 logger = logging.getLogger(__name__)

@@ -7,7 +7,7 @@ from sqlalchemy import func, select
 from app.pool.sessions import Binding
 from app.store.db import Database
 from app.store.models import SessionRow
-from app.store.repository import SessionRepository
+from app.store.sessions import SessionRepository
 
 NOW = 1_760_000_000.0
 HOUR = 3600.0

@@ -17,7 +17,8 @@ from app.pool.sessions import Binding, SessionTable
 from app.store.db import Database
 from app.store.models import HealthEventRow, UsageRow
 from app.store.records import IdempotentAnswer, UsageRecord
-from app.store.repository import AccountRepository, HealthRepository, IdempotencyRepository, SessionRepository
+from app.store.repository import AccountRepository, HealthRepository, IdempotencyRepository
+from app.store.sessions import SessionRepository
 from app.store.writer import WriteBehind
 
 NOW = 1_760_000_000.0
