@@ -15,7 +15,6 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 
-from app.clock import Clock
 from app.dispatch import RequestContext
 from app.errors import PoolBusy, PoolUnavailable, UpstreamError
 from app.pool.account import Account
@@ -129,12 +128,10 @@ class RemoteLeases:
     and what the adapters need); ``reload`` brings it up to date when it lacks an account the keeper
     leased."""
 
-    def __init__(self, link: KeeperLink, accounts: Pool, reload: Callable[[], Awaitable[None]],
-                 clock: Clock) -> None:
+    def __init__(self, link: KeeperLink, accounts: Pool, reload: Callable[[], Awaitable[None]]) -> None:
         self._link = link
         self._accounts = accounts
         self._reload = reload
-        self._clock = clock
         self._headroom: dict[str, list[tuple[bytes, bytes]]] = {}
         self.models = accounts.models
 

@@ -65,10 +65,6 @@ class LeaseServer:
         for connection in self._connections:
             connection.send(["reload"])
 
-    @property
-    def connected(self) -> int:
-        return len(self._connections)
-
     async def close(self) -> None:
         if self._server is not None:
             self._server.close()

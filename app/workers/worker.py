@@ -88,7 +88,7 @@ def create_worker_app(settings: Settings, *, runtime: str, index: int, clock: Cl
         await link.connect(os.path.join(runtime, LEASES_SOCKET))
         session = create_session(settings, connector=transport)
         registry = Registry.default(session, clock)
-        dispatcher = Dispatcher(RemoteLeases(link, accounts, sync.load, clock), registry, NoUsage(), clock,
+        dispatcher = Dispatcher(RemoteLeases(link, accounts, sync.load), registry, NoUsage(), clock,
                                 failover_deadline=settings.failover_deadline,
                                 default_max_tokens=settings.default_max_tokens,
                                 observers=(AccessLog(worker=index), RemoteObserver(link)))
