@@ -33,14 +33,14 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
-from collections import Counter, deque
+from collections import Counter
 from collections.abc import Callable, Collection, Coroutine
-from dataclasses import dataclass, field
 from typing import Any
 
 from app.api.schema import parse_chat_request
 from app.api.sse import completion_body
 from app.batch.commit import GroupCommit
+from app.batch.job import Job, Running
 from app.batch.lines import failed_line, new_id, output_line
 from app.batch.stages import close_batch, open_batch
 from app.clock import Clock
@@ -60,43 +60,6 @@ KEEP_SETTLED = 1000
 """Final statuses the runner remembers for ``wait_for``; ``wait_settled`` reads older ones from the database."""
 
 
-@dataclass(slots=True)
-class _Running:
-    task: asyncio.Task[None]
-    ctx: RequestContext
-
-
-@dataclass(eq=False)
-class _Job:
-    """An active batch as the runner tracks it. ``cursor``: the last line read from the database in
-    this pass over it; ``ready``: items read and not started; ``retries``: (when, line) of items
-    waiting to be tried again."""
-
-    id: str
-    status: str
-    owner: str | None
-    endpoint: str
-    input_file_id: str
-    expires_at: float
-    cursor: int = 0
-    exhausted: bool = False
-    ready: deque[PendingItem] = field(default_factory=deque)
-    running: dict[int, _Running] = field(default_factory=dict)
-    retries: list[tuple[float, int]] = field(default_factory=list)
-    paused_until: float = 0.0
-    """The pool turned a request away before sending it: start no more before this time."""
-    task: asyncio.Task[None] | None = None
-    """Validation or finalization, while it runs."""
-    task_after: float = 0.0
-    """That work failed: not again before this time."""
-
-    def stopping(self, now: float) -> bool:
-        return self.status == "cancelling" or now >= self.expires_at
-
-    def drained(self) -> bool:
-        return self.exhausted and not self.ready and not self.retries and not self.running
-
-
 class BatchRunner:
     def __init__(self, db: Database, dispatcher: Dispatcher, clock: Clock, *, models: Callable[[], Collection[str]],
                  concurrency: int = 256, max_wait: float = 300.0, max_attempts: int = 5) -> None:
@@ -108,7 +71,7 @@ class BatchRunner:
         self._max_wait = max_wait
         self._max_attempts = max_attempts
         self._commit = GroupCommit(db, clock)
-        self._jobs: dict[str, _Job] = {}
+        self._jobs: dict[str, Job] = {}
         self._in_flight = 0
         self._served: dict[str, Counter[str]] = {}
         """Batch → account → requests it answered, since this server started (for progress displays)."""
@@ -257,7 +220,7 @@ class BatchRunner:
             active.add(row.id)
             job = self._jobs.get(row.id)
             if job is None:
-                self._jobs[row.id] = _Job(row.id, row.status, row.client_key, row.endpoint, row.input_file_id,
+                self._jobs[row.id] = Job(row.id, row.status, row.client_key, row.endpoint, row.input_file_id,
                                           row.expires_at)
             elif job.task is None:
                 job.status = row.status
@@ -265,7 +228,7 @@ class BatchRunner:
             if batch_id not in active and job.task is None and not job.running:
                 del self._jobs[batch_id]
 
-    def _spawn(self, job: _Job, work: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, job: Job, work: Coroutine[Any, Any, None]) -> None:
         """Run a batch's validation or finalization beside the loop."""
 
         async def guarded() -> None:
@@ -285,7 +248,7 @@ class BatchRunner:
 
     # --- the two ends: opening (validation) and closing (the files) --------------------------------
 
-    async def _validate(self, job: _Job) -> None:
+    async def _validate(self, job: Job) -> None:
         outcome = await open_batch(self._db, job.id, input_file_id=job.input_file_id, endpoint=job.endpoint,
                                    models=self._models(), now=self._clock.time())
         if outcome.status is None:  # cancelled meanwhile
@@ -298,7 +261,7 @@ class BatchRunner:
 
     # --- running requests -------------------------------------------------------------------------
 
-    async def _fill(self, job: _Job, free: int, now: float) -> int:
+    async def _fill(self, job: Job, free: int, now: float) -> int:
         """Start up to ``free`` of the batch's items: those due for a retry, then the next in line."""
         started = 0
         due: list[int] = []
@@ -333,19 +296,19 @@ class BatchRunner:
         """How many of the batch's requests each account answered (since this server started)."""
         return dict(self._served.get(batch_id, ()))
 
-    def _start(self, job: _Job, item: PendingItem) -> None:
+    def _start(self, job: Job, item: PendingItem) -> None:
         ctx = RequestContext(new_id("req_"), job.owner, max_wait=self._max_wait, batch=True)
         task = asyncio.get_running_loop().create_task(self._run_item(job, item, ctx))
-        job.running[item.line] = _Running(task, ctx)
+        job.running[item.line] = Running(task, ctx)
         self._in_flight += 1
 
-    def _drop_waiting(self, job: _Job) -> None:
+    def _drop_waiting(self, job: Job) -> None:
         """Cancel the batch's requests that are still waiting for an account (none was sent upstream)."""
         for running in job.running.values():
             if running.ctx.account is None:
                 running.task.cancel()
 
-    async def _run_item(self, job: _Job, item: PendingItem, ctx: RequestContext) -> None:
+    async def _run_item(self, job: Job, item: PendingItem, ctx: RequestContext) -> None:
         try:
             result = await self._attempt(job, item, ctx)
             if result is None:  # turned away by the pool before it was sent: the batch pauses
@@ -364,7 +327,7 @@ class BatchRunner:
             self._wake.set()
             self._notify_change()
 
-    async def _attempt(self, job: _Job, item: PendingItem, ctx: RequestContext) -> ItemResult | None:
+    async def _attempt(self, job: Job, item: PendingItem, ctx: RequestContext) -> ItemResult | None:
         """One try at the item: its result (done, failed, or pending for a retry), or None when the pool
         turned it away before any account was tried."""
         error: KimiPoolError
@@ -392,7 +355,7 @@ class BatchRunner:
             return ItemResult(job.id, item.line, "pending", attempts, retry_at=self._clock.time() + wait)
         return ItemResult(job.id, item.line, "failed", attempts, failed_line(item.custom_id, error, ctx.request_id))
 
-    async def _finalize(self, job: _Job) -> None:
+    async def _finalize(self, job: Job) -> None:
         outcome = await close_batch(self._db, job.id, status=job.status, owner=job.owner, expires_at=job.expires_at,
                                     now=self._clock.time())
         if outcome is None:  # requests are pending that the runner lost track of: read the batch again
@@ -402,7 +365,7 @@ class BatchRunner:
         else:
             self._finished(job, outcome.status, outcome.detail)
 
-    def _finished(self, job: _Job, status: str, detail: str) -> None:
+    def _finished(self, job: Job, status: str, detail: str) -> None:
         job.status = status
         self._jobs.pop(job.id, None)
         self._settled[job.id] = status
