@@ -14,10 +14,8 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass, field
 from typing import Protocol
 
-from app.api.schema import estimate_tokens
 from app.clock import Clock
 from app.errors import (
     ClientGone,
@@ -32,9 +30,10 @@ from app.errors import (
     UpstreamError,
 )
 from app.pool.account import Account
+from app.pool.context import RequestContext
 from app.pool.leases import Held, Leases
-from app.pool.sessions import Binding
 from app.store.records import UsageRecord
+from app.tokens import estimate_tokens
 from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Thread, Usage
 from app.upstreams.registry import Registry
 
@@ -54,28 +53,6 @@ class RequestObserver(Protocol):
     def upstream_failed(self, request_id: str, account: str, error: UpstreamError) -> None:
         """One upstream attempt failed (whether the request then moved to another account or not)."""
         ...
-
-
-@dataclass(slots=True)
-class RequestContext:
-    request_id: str
-    client: str | None
-    max_wait: float = 0.0
-    """How long the request may wait in the admission queue for an account with room."""
-    session: str | None = None
-    """The conversation key, when the request belongs to a conversation worth keeping on one account."""
-    started: float = field(default_factory=time.perf_counter)
-    account: str | None = None
-    attempts: int = 0
-    waited: float = 0.0
-    """Seconds spent waiting for an account (the admission queue, over all attempts), on the pool's clock."""
-    binding: Binding | None = None
-    """The session's binding once a lease was taken (None: a one-off request)."""
-    batch: bool = False
-    """A batch job's request: it gets the pool's batch share, after waiting interactive requests."""
-    gone: Callable[[], Awaitable[None]] | None = None
-    """Returns when the client has closed its connection (None: not watched). Watched only while the
-    request waits for an account, so a client that gives up never costs an upstream call."""
 
 
 class Dispatcher:

@@ -23,16 +23,16 @@ from starlette.routing import Route
 
 from app.accounts_config import load_accounts_toml
 from app.api.admin import Admin, admin_routes
+from app.api.admin.dashboard import Dashboard
 from app.api.auth import Authenticator
-from app.api.batches import batch_routes
-from app.api.chat import EXPOSED_HEADERS, ChatCompletions
-from app.api.dashboard import Dashboard
 from app.api.errors import RequestIdMiddleware, handle_http_exception, handle_kimi_pool_error
-from app.api.files import file_routes
 from app.api.front import CHAT_PATH, ChatRoute, FrontDoor
 from app.api.ids import Ids
 from app.api.metrics import metrics
-from app.api.models import get_model, list_models
+from app.api.openai.batches import batch_routes
+from app.api.openai.chat import EXPOSED_HEADERS, ChatCompletions
+from app.api.openai.files import file_routes
+from app.api.openai.models import get_model, list_models
 from app.api.pool_status import pool_status
 from app.api.state import Gateway
 from app.batch.runner import BatchRunner

@@ -25,10 +25,10 @@ PARTS = {
     "auth (app/api/auth.py)": ("app/api/auth.py",),
     "usage recording": ("Dispatcher._record", "app/store/writer.py", "app/store/repository.py"),
     "metrics and access log (app/metrics.py, app/logs.py)": ("app/metrics.py", "app/logs.py"),
-    "request parsing and validation": ("app/api/schema.py",),
+    "request parsing and validation": ("app/api/openai/schema.py",),
     "Moonshot adapter (app/upstreams)": ("app/upstreams/",),
     "aiohttp client": ("aiohttp/",),
-    "response rendering (sse, chat body)": ("app/api/sse.py", "_completion_body", "_frames"),
+    "response rendering (sse, chat body)": ("app/api/openai/sse.py", "_completion_body", "_frames"),
 }
 HANDLER = "ChatCompletions.__call__"
 

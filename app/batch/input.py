@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from app.api.schema import parse_chat_request
+from app.api.openai.schema import parse_chat_request
 from app.errors import InvalidRequest
 
 

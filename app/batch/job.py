@@ -7,7 +7,7 @@ import asyncio
 from collections import deque
 from dataclasses import dataclass, field
 
-from app.dispatch import RequestContext
+from app.pool.context import RequestContext
 from app.store.batches import PendingItem
 
 

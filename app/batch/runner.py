@@ -37,15 +37,16 @@ from collections import Counter
 from collections.abc import Callable, Collection, Coroutine
 from typing import Any
 
-from app.api.schema import parse_chat_request
-from app.api.sse import completion_body
+from app.api.openai.schema import parse_chat_request
+from app.api.openai.sse import completion_body
 from app.batch.commit import GroupCommit
 from app.batch.job import Job, Running
 from app.batch.lines import failed_line, new_id, output_line
 from app.batch.stages import close_batch, open_batch
 from app.clock import Clock
-from app.dispatch import Dispatcher, RequestContext
+from app.dispatch import Dispatcher
 from app.errors import KimiPoolError, PoolBusy, PoolUnavailable
+from app.pool.context import RequestContext
 from app.store.batches import TERMINAL, BatchRepository, ItemResult, PendingItem
 from app.store.db import Database
 

@@ -13,12 +13,12 @@ from typing import TYPE_CHECKING, Protocol
 from app.clock import Clock
 from app.pool.account import Account
 from app.pool.admission import Admission
+from app.pool.context import RequestContext
 from app.pool.headroom import Headroom
 from app.pool.scheduler import Pool
 from app.pool.sessions import Binding, SessionTable
 
 if TYPE_CHECKING:
-    from app.dispatch import RequestContext
     from app.errors import UpstreamError
     from app.upstreams.base import Thread
 

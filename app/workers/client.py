@@ -15,9 +15,9 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 
-from app.dispatch import RequestContext
 from app.errors import PoolBusy, PoolUnavailable, UpstreamError
 from app.pool.account import Account
+from app.pool.context import RequestContext
 from app.pool.leases import Held
 from app.pool.scheduler import Pool
 from app.pool.sessions import Binding

@@ -30,8 +30,9 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from app.clock import Clock
-from app.dispatch import RequestContext, RequestObserver, UsageSink
+from app.dispatch import RequestObserver, UsageSink
 from app.errors import PoolBusy, PoolUnavailable
+from app.pool.context import RequestContext
 from app.pool.leases import Held, PoolLeases
 from app.store.records import UsageRecord
 from app.workers.wire import Frame, FrameProtocol, decode_error

@@ -28,10 +28,10 @@ from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from app.api.auth import Authenticator
-from app.api.chat import ChatCompletions
 from app.api.errors import header
 from app.api.front import CHAT_PATH
 from app.api.ids import Ids
+from app.api.openai.chat import ChatCompletions
 from app.clock import Clock, SystemClock
 from app.config import Settings
 from app.dispatch import Dispatcher

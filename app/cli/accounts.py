@@ -1,13 +1,7 @@
-"""The ``kimi-pool`` command line.
-
-Commands are thin: parse, open the database (migrating it first), call a repository inside one
-transaction, print. ``run(argv)`` is the whole program: every failure becomes one line on stderr
-and a non-zero exit status, never a traceback. Secrets are printed masked, and never logged.
-"""
+"""``kimi-pool accounts``: add, list, change and probe the upstream accounts of the pool."""
 
 import asyncio
 import json
-import sys
 from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated
@@ -17,54 +11,19 @@ from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.accounts_config import load_accounts_toml, make_account_spec
-from app.cli_batch import batch_app
-from app.cli_models import models_app
-from app.cli_servers import emulate_app, serve
-from app.cli_sessions import sessions_app
-from app.cli_support import PROG, CliState
-from app.cli_support import cli_state as _state
-from app.cli_support import console as _console
-from app.cli_support import human_time as _human_time
-from app.cli_support import in_db as _in_db
-from app.cli_usage import usage
-from app.clock import SystemClock
-from app.config import DEFAULT_DB_URL, Settings
-from app.errors import ConfigError, KimiPoolError
+from app.cli.support import cli_state as _state
+from app.cli.support import console as _console
+from app.cli.support import human_time as _human_time
+from app.cli.support import in_db as _in_db
+from app.config import Settings
+from app.errors import ConfigError
 from app.kimi_auth import TokenInfo, check_fresh
 from app.store.db import Database
-from app.store.repository import AccountRepository, ClientKeyRepository, import_config
-from app.views import OPERATOR_REASON, account_view, key_view
+from app.store.repository import AccountRepository, import_config
+from app.views import OPERATOR_REASON, account_view
 
-app = typer.Typer(name=PROG, no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
 accounts_app = typer.Typer(name="accounts", no_args_is_help=True,
                            help="Manage the upstream accounts of the pool.")
-keys_app = typer.Typer(name="keys", no_args_is_help=True,
-                       help="Manage the API keys clients use to call kimi-pool.")
-db_app = typer.Typer(name="db", no_args_is_help=True, help="Database maintenance.")
-app.add_typer(accounts_app)
-app.add_typer(keys_app)
-app.add_typer(db_app)
-app.add_typer(sessions_app)
-app.add_typer(models_app)
-app.add_typer(emulate_app)
-app.add_typer(batch_app)
-app.command("serve")(serve)
-app.command("usage")(usage)
-
-
-@app.callback()
-def _global_options(
-    ctx: typer.Context,
-    db_url: Annotated[str, typer.Option(
-        "--db", envvar="KIMI_POOL_DB", metavar="URL", show_default=False,
-        help=f"Database URL. Default: $KIMI_POOL_DB, else {DEFAULT_DB_URL}",
-    )] = DEFAULT_DB_URL,
-) -> None:
-    """kimi-pool: one OpenAI-compatible endpoint in front of a pool of Kimi accounts."""
-    ctx.obj = CliState(db_url=db_url, clock=SystemClock())
-
-
-# --- accounts -------------------------------------------------------------------------------------
 
 
 @accounts_app.command("add")
@@ -228,101 +187,5 @@ def accounts_check(
     return 0 if all(result.outcome != "failed" for result in results) else 1
 
 
-# --- keys -----------------------------------------------------------------------------------------
-
-
-@keys_app.command("create")
-def keys_create(ctx: typer.Context, name: Annotated[str, typer.Argument(show_default=False)]) -> None:
-    """Create a client API key and print it. Only its hash is stored: it is shown this once."""
-    key = _in_db(ctx, lambda session, now: ClientKeyRepository(session).create(name, now))
-    typer.echo(key)
-    typer.echo(f"key {name} created; it will not be shown again, so store it now", err=True)
-
-
-@keys_app.command("list")
-def keys_list(
-    ctx: typer.Context,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
-) -> None:
-    """List client API keys (by prefix; the keys themselves are not stored)."""
-    rows = _in_db(ctx, lambda session, _now: ClientKeyRepository(session).list())
-    now = _state(ctx).clock.time()
-    views = [key_view(row) for row in rows]
-    if as_json:
-        typer.echo(json.dumps(views, indent=2))
-        return
-    if not views:
-        typer.echo("no keys yet: create one with 'kimi-pool keys create NAME'")
-        return
-    table = Table("name", "key", "created", "status")
-    for view in views:
-        status = "active" if view["revoked_at"] is None else f"revoked {_human_time(view['revoked_at'], now)}"
-        table.add_row(view["name"], f"{view['prefix']}…", _human_time(view["created_at"], now), status)
-    _console().print(table)
-
-
-@keys_app.command("revoke")
-def keys_revoke(ctx: typer.Context, name: Annotated[str, typer.Argument(show_default=False)]) -> None:
-    """Revoke a client API key; requests with it are refused from then on."""
-    revoked = _in_db(ctx, lambda session, now: ClientKeyRepository(session).revoke(name, now))
-    typer.echo(f"revoked key {name}" if revoked else f"key {name} was already revoked")
-
-
-# --- db -------------------------------------------------------------------------------------------
-
-
-@db_app.command("upgrade")
-def db_upgrade(ctx: typer.Context) -> None:
-    """Create or migrate the database schema to the latest revision (safe to repeat)."""
-
-    async def upgrade() -> tuple[str, str | None]:
-        database = Database(_state(ctx).db_url)
-        try:
-            return database.display_url, await database.upgrade()
-        finally:
-            await database.dispose()
-
-    url, revision = asyncio.run(upgrade())
-    typer.echo(f"{url}: schema at revision {revision}")
-
-
-# --- plumbing -------------------------------------------------------------------------------------
-
-
 def _token_expiry(expires_at: float, now: float) -> str:
     return TokenInfo("", expires_at, None).describe(now)
-
-
-def _fail(message: str, code: int) -> int:
-    lines = str(message).strip().splitlines() or [""]
-    print(f"{PROG}: error: {' '.join(line.strip() for line in lines)}", file=sys.stderr)
-    return code
-
-
-def run(argv: list[str] | None = None) -> int:
-    """Run the command line on ``argv`` (default ``sys.argv[1:]``); return the exit status."""
-    command = typer.main.get_command(app)
-    try:
-        result = command.main(args=argv, prog_name=PROG, standalone_mode=False)
-    except KimiPoolError as exc:
-        return _fail(exc.message, 1)
-    except (typer.Abort, KeyboardInterrupt):
-        print(f"{PROG}: aborted", file=sys.stderr)
-        return 130
-    except typer.TyperException as exc:  # click's errors, as vendored by typer
-        ctx = getattr(exc, "ctx", None)
-        if type(exc).__name__ == "NoArgsIsHelpError":  # the help was printed (rich) or is the message
-            if help_text := exc.format_message().strip():
-                print(help_text, file=sys.stderr)
-            return 2
-        if ctx is None:
-            return _fail(exc.format_message(), exc.exit_code or 1)
-        return _fail(f"{exc.format_message()} (see '{ctx.command_path} --help')", exc.exit_code or 2)
-    except Exception as exc:  # a bug: still one line (no traceback, no bound SQL parameters)
-        first_line = (str(exc).strip().splitlines() or [""])[0]
-        return _fail(f"unexpected {type(exc).__name__}: {first_line}", 1)
-    return result if isinstance(result, int) else 0
-
-
-def main() -> None:
-    sys.exit(run())

@@ -10,12 +10,12 @@ from starlette.datastructures import Headers
 from starlette.routing import Mount, Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.admin_accounts import Account, Accounts, disable_account, enable_account, probe_account
-from app.api.admin_activity import list_events, usage_report
-from app.api.admin_base import Admin, authorize
-from app.api.admin_keys import Keys, revoke_key
-from app.api.admin_models import Alias, list_catalogue
-from app.api.admin_sessions import delete_session, list_sessions
+from app.api.admin.accounts import Account, Accounts, disable_account, enable_account, probe_account
+from app.api.admin.activity import list_events, usage_report
+from app.api.admin.base import Admin, authorize
+from app.api.admin.keys import Keys, revoke_key
+from app.api.admin.models import Alias, list_catalogue
+from app.api.admin.sessions import delete_session, list_sessions
 from app.api.state import Gateway
 
 __all__ = ["Admin", "admin_routes"]

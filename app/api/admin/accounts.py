@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.accounts_config import OPTION_KEYS, AccountSpec, make_account_spec
-from app.api.admin_base import admin_of, find_account, json_body, listing, reply, text
+from app.api.admin.base import admin_of, find_account, json_body, listing, reply, text
 from app.errors import ConfigError, Conflict
 from app.kimi_auth import check_fresh
 from app.probe import probe_accounts

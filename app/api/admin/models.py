@@ -16,7 +16,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.accounts_config import ACCOUNT_KINDS, make_alias
-from app.api.admin_base import admin_of, json_body, listing, reply
+from app.api.admin.base import admin_of, json_body, listing, reply
 from app.catalogue import BUILTIN_ALIASES
 from app.errors import ConfigError, NotFound
 from app.store.repository import AliasRepository, UpsertResult

@@ -33,7 +33,7 @@ from tests.conftest import MASTER_KEY, Stack, run_stack
 MODEL = "kimi-k2-0905-preview"
 HELLO = [{"role": "user", "content": "Say hello to the pool."}]
 ADMIN = {"Authorization": f"Bearer {MASTER_KEY}"}
-ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[3] / "test-artifacts"
 WAIT = 20.0
 REASON = "<b>maintenance</b> <img src=x onerror=alert(1)>"
 

@@ -129,15 +129,3 @@ def parse_chat_request(body: Any) -> ChatRequest:
         raise InvalidRequest("'user' must be a string.", param="user")
     return ChatRequest(model=model, messages=checked, stream=bool(stream), include_usage=include_usage,
                        max_tokens=max_tokens, params=params)
-
-
-def estimate_tokens(messages: list[dict[str, Any]]) -> int:
-    """A cheap, deterministic prompt estimate (about four characters a token)."""
-    chars = 0
-    for message in messages:
-        content = message.get("content")
-        if isinstance(content, str):
-            chars += len(content)
-        elif isinstance(content, list):
-            chars += sum(len(p.get("text") or "") for p in content if isinstance(p, dict))
-    return chars // 4 + 4 * len(messages)

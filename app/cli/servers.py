@@ -8,7 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
-from app.cli_support import cli_state as _state
+from app.cli.support import cli_state as _state
 from app.config import Settings
 from app.errors import ConfigError
 

@@ -15,7 +15,7 @@ from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.api.admin_base import admin_of, json_body, listing, reply
+from app.api.admin.base import admin_of, json_body, listing, reply
 from app.errors import ConfigError, Conflict, NotFound
 from app.store.models import ClientKeyRow
 from app.store.repository import ClientKeyRepository

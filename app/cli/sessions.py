@@ -8,11 +8,11 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from app.cli_support import cli_state as _state
-from app.cli_support import console as _console
-from app.cli_support import human_time as _human_time
-from app.cli_support import in_db as _in_db
-from app.cli_support import parse_duration as _parse_duration
+from app.cli.support import cli_state as _state
+from app.cli.support import console as _console
+from app.cli.support import human_time as _human_time
+from app.cli.support import in_db as _in_db
+from app.cli.support import parse_duration as _parse_duration
 from app.store.sessions import SessionRepository
 from app.views import session_view
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import jwt
 import pytest
 
-from tests.test_cli import Cli, write
+from tests.cli.test_main import Cli, write
 
 SIGNING_KEY = "a-signing-key-kimi-pool-does-not-have-" * 2
 

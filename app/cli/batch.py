@@ -33,7 +33,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from app.cli_support import console as _console
+from app.cli.support import console as _console
 from app.errors import ConfigError
 
 batch_app = typer.Typer(name="batch", no_args_is_help=True,

@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.api.admin_base import admin_of, listing, query, reply, whole
+from app.api.admin.base import admin_of, listing, query, reply, whole
 from app.errors import NotFound
 from app.store.sessions import SessionRepository
 from app.views import session_view

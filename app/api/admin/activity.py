@@ -12,7 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.api.admin_base import admin_of, listing, query, reply, whole
+from app.api.admin.base import admin_of, listing, query, reply, whole
 from app.errors import InvalidRequest
 from app.store.repository import HealthRepository
 from app.store.usage import UsageGroup, UsageLine, UsageRepository

@@ -23,7 +23,7 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Route
 
-from app.api.admin_base import admin_of, authorize, listing, query, reply, whole
+from app.api.admin.base import admin_of, authorize, listing, query, reply, whole
 from app.api.state import Gateway
 from app.errors import InvalidRequest, NotFound
 from app.pool.limits import DAY, next_day
@@ -31,7 +31,7 @@ from app.store.models import UsageRow
 from app.store.usage import SeriesGroup, SeriesPoint, UsageLine, UsageRepository
 from app.when import duration_seconds
 
-STATIC = Path(__file__).resolve().parent.parent / "static"
+STATIC = Path(__file__).resolve().parents[2] / "static"
 PAGE = "dashboard.html"
 VERSION_MARK = "{{version}}"
 """Replaced in the page by the assets' hash, which their URLs carry as ``?v=``."""

@@ -16,7 +16,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import Message, Receive
 
-from app.api.admin_base import whole
+from app.api.admin.base import whole
 from app.api.state import Gateway
 from app.batch.objects import file_object, list_object
 from app.batch.service import BatchService

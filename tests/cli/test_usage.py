@@ -20,7 +20,7 @@ from app.store.db import Database
 from app.store.records import UsageRecord
 from app.store.usage import UsageRepository
 from tests.conftest import Stack, reload, run_stack
-from tests.test_cli import Cli
+from tests.cli.test_main import Cli
 
 MODEL_A = "kimi-k2-0905-preview"
 MODEL_B = "kimi-k2.5"

@@ -19,8 +19,8 @@ from starlette.datastructures import Headers
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.api.chat import read_body
-from app.api.schema import parse_json
+from app.api.body import read_body
+from app.api.openai.schema import parse_json
 from app.api.state import Gateway
 from app.errors import ConfigError, InvalidRequest, NotFound, PermissionDenied
 from app.store.db import Database

@@ -9,9 +9,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from app.cli_support import cli_state as _state
-from app.cli_support import console as _console
-from app.cli_support import in_db as _in_db
+from app.cli.support import cli_state as _state
+from app.cli.support import console as _console
+from app.cli.support import in_db as _in_db
 from app.errors import ConfigError
 from app.store.repository import MASTER_KEY_NAME
 from app.store.usage import UsageGroup, UsageLine, UsageRepository

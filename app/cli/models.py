@@ -11,8 +11,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.accounts_config import ACCOUNT_KINDS, make_alias
 from app.catalogue import BUILTIN_ALIASES
-from app.cli_support import console as _console
-from app.cli_support import in_db as _in_db
+from app.cli.support import console as _console
+from app.cli.support import in_db as _in_db
 from app.errors import ConfigError
 from app.store.repository import AliasRepository
 from app.views import catalogue_view

@@ -266,7 +266,7 @@ def test_bad_files_are_one_line_and_change_nothing(cli: Cli, tmp_path: Path, tex
 
 
 def test_import_of_the_example_file(cli: Cli) -> None:
-    example = Path(__file__).resolve().parent.parent / "accounts.example.toml"
+    example = Path(__file__).resolve().parents[2] / "accounts.example.toml"
     assert cli.ok("accounts", "import", str(example)).endswith("3 created, 0 updated, 0 unchanged; 1 alias(es)\n")
     kinds = {v["kind"] for v in cli.accounts()}
     assert kinds == {"moonshot", "kimi-web", "kimi-ai-chat"}

@@ -12,10 +12,10 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from app.api.admin_base import whole
-from app.api.chat import read_body
-from app.api.files import caller, reply
-from app.api.schema import parse_json
+from app.api.admin.base import whole
+from app.api.body import read_body
+from app.api.openai.files import caller, reply
+from app.api.openai.schema import parse_json
 from app.batch.objects import batch_object, list_object
 from app.batch.runner import BatchRunner
 from app.errors import InvalidRequest

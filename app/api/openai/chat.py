@@ -20,15 +20,17 @@ from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from app.api.auth import Authenticator
+from app.api.body import read_body
 from app.api.errors import header, internal_error
 from app.api.ids import Ids
-from app.api.schema import parse_chat_request, parse_json
-from app.api.sse import DONE, ChunkRenderer, SSEResponse, completion_body
+from app.api.openai.schema import parse_chat_request, parse_json
+from app.api.openai.sse import DONE, ChunkRenderer, SSEResponse, completion_body
 from app.clock import Clock
 from app.config import Settings
-from app.dispatch import Dispatcher, RequestContext
-from app.errors import InvalidRequest, KimiPoolError, PayloadTooLarge
+from app.dispatch import Dispatcher
+from app.errors import InvalidRequest, KimiPoolError
 from app.idempotency import Claim, Idempotency, Transcript, replay_events, request_hash, scoped_key
+from app.pool.context import RequestContext
 from app.pool.sessions import session_key
 from app.store.records import IdempotentAnswer
 from app.upstreams.base import Batch, ChatRequest, Usage
@@ -37,25 +39,6 @@ log = logging.getLogger("kimi_pool.api")
 _JSON = (b"content-type", b"application/json")
 EXPOSED_HEADERS = ("x-request-id", "retry-after", "x-kimi-pool-account", "idempotent-replayed")
 _EXPOSED = ", ".join(EXPOSED_HEADERS).encode()
-
-
-async def read_body(receive: Receive, declared: bytes | None, limit: int) -> bytes:
-    if declared is not None:
-        if not declared.isdigit():
-            raise InvalidRequest("Bad Content-Length header.")
-        if int(declared) > limit:
-            raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-    message = await receive()
-    body = message.get("body", b"")
-    if not message.get("more_body", False):
-        return body
-    parts = bytearray(body)
-    while message.get("more_body", False):
-        message = await receive()
-        parts += message.get("body", b"")
-        if len(parts) > limit:
-            raise PayloadTooLarge(f"The request body is larger than the limit of {limit} bytes.")
-    return bytes(parts)
 
 
 class ChatCompletions:
