@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: setup serve test lint browser bench bench-workers profile emulate clean
+.PHONY: setup serve test lint browser conformance bench bench-workers profile emulate clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ browser:
 
 test: lint browser
 	$(VENV)/bin/pytest -q
+
+# Fuzz the OpenAI chat and models operations against OpenAI's OpenAPI description (seeded; part of `make test` too).
+conformance: $(STAMP)
+	$(VENV)/bin/pytest -q -m conformance
 
 # The benchmark needs wrk (Debian's package) and, for LiteLLM, a second virtualenv it creates itself.
 bench: $(STAMP)

@@ -12,10 +12,12 @@ the observers too. Observers run on the request path: they must be cheap and mus
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Protocol
 
+from app.capabilities import describe, first_param, kinds_able
 from app.clock import Clock
 from app.errors import (
     ClientGone,
@@ -27,6 +29,7 @@ from app.errors import (
     RateLimited,
     Transient,
     Unsuitable,
+    Unsupported,
     UpstreamError,
 )
 from app.pool.account import Account
@@ -36,6 +39,8 @@ from app.store.records import UsageRecord
 from app.tokens import estimate_tokens
 from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Thread, Usage
 from app.upstreams.registry import Registry
+
+log = logging.getLogger("kimi_pool.dispatch")
 
 
 class UsageSink(Protocol):
@@ -71,10 +76,25 @@ class Dispatcher:
     def leases(self) -> Leases:
         return self._leases
 
-    def check_model(self, model: str) -> None:
+    def check(self, request: ChatRequest) -> None:
+        """Refuse a request no enabled account could serve: an unknown model (404), or one whose accounts
+        cannot do what it needs (400 naming the parameter). Cheap: asked on every request."""
+        model = request.model
         if model not in self._leases.models():
             raise ModelNotFound(f"The model '{model}' does not exist or no enabled account serves it.",
                                 param="model")
+        needs = request.needs
+        if needs and not self._leases.capable(model, needs):
+            raise self._incapable(model, needs)
+
+    def _incapable(self, model: str, needs: frozenset[str]) -> Unsupported:
+        missing = frozenset(n for n in needs if not self._leases.capable(model, frozenset({n}))) or needs
+        able = kinds_able(missing)
+        serving = ", ".join(sorted(self._leases.kinds_serving(model)))
+        hint = (f" Accounts of kind {' or '.join(able)} can, for a model that offers it." if able
+                else " No kind of account kimi-pool supports can.")
+        return Unsupported(f"No enabled account serving '{model}' can do {describe(missing)} (the accounts serving "
+                           f"it are of kind {serving}).{hint}", param=first_param(missing))
 
     # --- failover ------------------------------------------------------------------------------
 
@@ -85,6 +105,7 @@ class Dispatcher:
     async def _lease(self, request: ChatRequest, tried: set[str], last: UpstreamError | None,
                      ctx: RequestContext) -> Held:
         cost = self.cost(request)
+        ctx.needs = request.needs
         lease = self._leases.try_take(request.model, cost, ctx, tried)
         if lease is None:
             lease = await self._wait_for_lease(request, cost, tried, last, ctx)
@@ -103,7 +124,8 @@ class Dispatcher:
         except (PoolBusy, PoolUnavailable):
             if last is None:
                 raise
-            raise self._no_account(request.model, last, await self._leases.next_free_in(request.model)) from None
+            raise self._no_account(request.model, last,
+                                   await self._leases.next_free_in(request.model, request.needs)) from None
         finally:
             ctx.waited += self._clock.time() - now
 
@@ -128,6 +150,14 @@ class Dispatcher:
                 taking.result().release(0)  # granted as the client left
             raise ClientGone("The client closed the connection while the request waited for an account.")
         return taking.result()
+
+    @staticmethod
+    def _unreadable(ctx: RequestContext, account: Account, exc: Exception) -> Transient:
+        """An adapter that raised something unclassified: logged with its traceback (a bug, or an upstream
+        sending what it never should), and treated as a transient failure of this attempt."""
+        log.error("request %s: the %s adapter failed on account %s", ctx.request_id, account.kind, account.name,
+                  exc_info=exc)
+        return Transient(f"The upstream's answer could not be read ({type(exc).__name__}).")
 
     @staticmethod
     def _no_account(model: str, last: UpstreamError | None, wait: float | None) -> KimiPoolError:
@@ -164,6 +194,7 @@ class Dispatcher:
         deadline = self._clock.time() + self._deadline
         status, outcome, usage = 200, "ok", None
         try:
+            self.check(request)
             while True:
                 lease = await self._lease(request, tried, last, ctx)
                 account = lease.account
@@ -175,8 +206,16 @@ class Dispatcher:
                     self._failed(lease, error, deadline, ctx)
                     last = error
                     continue
+                except asyncio.CancelledError:
+                    lease.release()  # the client left mid-answer: the upstream spent what was charged
+                    raise
+                except Exception as exc:  # the adapter choked on what the upstream sent: this attempt failed
+                    unreadable = self._unreadable(ctx, account, exc)
+                    self._failed(lease, unreadable, deadline, ctx)
+                    last = unreadable
+                    continue
                 except BaseException:
-                    lease.release()
+                    lease.release(0)  # our own failure (a bug): it must not cost the account anything
                     raise
                 usage = completion.usage or Usage(estimate_tokens(request.messages),
                                                   len(completion.content or "") // 4)
@@ -210,6 +249,7 @@ class Dispatcher:
         events: AsyncIterator[Batch] | None = None
         first_byte: float | None = None
         try:
+            self.check(request)
             while True:
                 lease = await self._lease(request, tried, last, ctx)
                 account = lease.account
@@ -222,6 +262,8 @@ class Dispatcher:
                     error: UpstreamError = Transient("The upstream ended the stream without an answer.")
                 except UpstreamError as exc:
                     error = exc
+                except Exception as exc:
+                    error = self._unreadable(ctx, account, exc)
                 else:
                     break
                 await events.aclose()  # type: ignore[attr-defined]
@@ -243,6 +285,10 @@ class Dispatcher:
                     batch = await anext(events)
                 except StopAsyncIteration:
                     break
+                except UpstreamError:
+                    raise
+                except Exception as exc:
+                    raise self._unreadable(ctx, account, exc) from None
             if usage is None:
                 usage = Usage(estimate_tokens(request.messages), chars // 4)
                 yield [usage]
@@ -266,7 +312,7 @@ class Dispatcher:
             if usage is None:
                 usage = Usage(estimate_tokens(request.messages), chars // 4)
             if lease is not None:
-                lease.release(usage.total_tokens)
+                lease.release(0 if status == 500 else usage.total_tokens)  # our own failure costs nothing
             self._record(request, ctx, usage, status, outcome, first_byte)
 
     # --- what is told to the store and the observers --------------------------------------------

@@ -43,6 +43,12 @@ class InvalidRequest(KimiPoolError):
     type = "invalid_request_error"
 
 
+class Unsupported(InvalidRequest):
+    """A parameter kimi-pool (or every account that could serve the request) cannot honour."""
+
+    code = "unsupported_parameter"
+
+
 class PayloadTooLarge(InvalidRequest):
     status = 413
     code = "payload_too_large"

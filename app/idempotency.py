@@ -58,7 +58,10 @@ def scoped_key(value: bytes, client: str | None) -> str:
 def request_hash(body: dict[str, Any]) -> str:
     """SHA-256 (hex) of the request body as canonical JSON (sorted keys), delivery fields left out."""
     canonical = {name: value for name, value in body.items() if name not in _DELIVERY}
-    return hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    try:
+        return hashlib.sha256(orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    except orjson.JSONEncodeError as exc:  # nested past orjson's limit (254 levels)
+        raise InvalidRequest(f"The request body cannot be keyed for Idempotency-Key: {exc}.") from None
 
 
 class AnswerStore(Protocol):

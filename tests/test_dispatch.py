@@ -6,11 +6,17 @@ import contextlib
 from pathlib import Path
 
 import openai
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
 
 from app.pool.account import State
 from app.store.db import Database
 from app.store.repository import AccountRepository
-from tests.conftest import run_stack
+from tests.conftest import reload, run_stack, serve
+from tests.test_sync import cli
 
 MODEL = "kimi-k2-0905-preview"
 HELLO = [{"role": "user", "content": "hello"}]
@@ -92,3 +98,44 @@ async def test_account_state_survives_a_restart(tmp_path: Path) -> None:
         row = await AccountRepository(session).get("acct-2")
         assert row.state == "auth_dead" and "key" in (row.state_reason or "").lower()
     await db.dispose()
+
+
+async def test_an_answer_the_adapter_cannot_read_fails_over_and_costs_the_account_nothing(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A peer that answers what no Moonshot server would (``choices: [5]``) makes the adapter fail in a way
+    nobody classified: the attempt is logged with its traceback, the request moves on, and the account's
+    up-front charge is given back in full."""
+
+    async def broken(request: Request) -> Response:
+        body = await request.json()
+        chunk = b'data: {"id": "x", "object": "chat.completion.chunk", "choices": [5]}\n\n'
+        if body.get("stream"):
+            return Response(chunk + b"data: [DONE]\n\n", media_type="text/event-stream")
+        return Response(b'{"id": "x", "choices": [5]}', media_type="application/json")
+
+    peer = Starlette(routes=[Route("/v1/chat/completions", broken, methods=["POST"])])
+    async with serve(peer) as peer_url, run_stack(tmp_path, keys=["sk-emu-0001"]) as stack:
+        toml = (f'[[accounts]]\nname = "broken"\nkind = "moonshot"\napi_key = "sk-x"\nbase_url = "{peer_url}/v1"\n'
+                f'tpm = 100000\n')
+        assert await cli(stack.db_url, "accounts", "import", _write(tmp_path / "b.toml", toml)) == 0
+        await reload(stack)
+        client = stack.client()
+        for i in range(6):  # the ring passes the broken account three times
+            if i % 2:
+                chunks = [c async for c in await client.chat.completions.create(model=MODEL, messages=HELLO,
+                                                                                 stream=True)]
+                assert chunks[-1].choices[0].finish_reason == "stop"
+            else:
+                answer = await client.chat.completions.create(model=MODEL, messages=HELLO)
+                assert answer.choices[0].message.content
+        broken_account = stack.gateway.pool.accounts["broken"]
+        window = broken_account.limits.snapshot(stack.clock.time(), broken_account.in_flight)
+        assert window["tpm_used"] == 0 and broken_account.in_flight == 0
+        assert broken_account.state is State.ACTIVE, "not the account's fault"
+        assert stack.emulator.snapshot()["totals"]["requests"] == 6
+        assert any("adapter failed on account broken" in r.getMessage() and r.exc_info for r in caplog.records)
+
+
+def _write(path: Path, text: str) -> str:
+    path.write_text(text)
+    return str(path)

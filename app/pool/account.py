@@ -9,6 +9,7 @@ from __future__ import annotations
 from enum import StrEnum
 
 from app.accounts_config import AccountSpec
+from app.capabilities import capabilities
 from app.catalogue import Catalogue
 from app.pool.limits import Limits
 
@@ -40,7 +41,7 @@ class Account:
     """Mutable runtime view of an account. Only the pool changes it."""
 
     __slots__ = (
-        "in_flight", "kind", "limits", "models", "name", "reason", "rev", "secret", "spec", "state",
+        "capabilities", "in_flight", "kind", "limits", "models", "name", "reason", "rev", "secret", "spec", "state",
         "streak", "until", "upstream_models", "weight",
     )
 
@@ -62,6 +63,9 @@ class Account:
         self.upstream_models = (catalogue or Catalogue()).served_by(spec)
         """Every model name this account answers to (aliases included) → the upstream's id for it."""
         self.models = frozenset(self.upstream_models)
+        self.capabilities = {name: capabilities(spec.kind, upstream)
+                             for name, upstream in self.upstream_models.items()}
+        """Model name → what this account can do when it serves it (``app.capabilities``)."""
         self.weight = spec.weight
         self.limits = Limits(spec)
         self.rev = rev
@@ -83,6 +87,11 @@ class Account:
             self._move(State.ACTIVE, None, None)
             return True
         return False
+
+    def can(self, model: str, needs: frozenset[str]) -> bool:
+        """Whether it serves ``model`` with everything the request needs."""
+        can = self.capabilities.get(model)
+        return can is not None and needs <= can
 
     def has_room(self) -> bool:
         return self.limits.has_room(self.in_flight)

@@ -27,11 +27,13 @@ LOOKAHEAD = 8
 
 
 class _Waiter:
-    __slots__ = ("batch", "client", "cost", "deadline", "exclude", "future", "model", "prefer")
+    __slots__ = ("batch", "client", "cost", "deadline", "exclude", "future", "model", "needs", "prefer")
 
     def __init__(self, model: str, cost: int, client: str, exclude: frozenset[str] | set[str],
-                 prefer: str | None, deadline: float, future: asyncio.Future[Lease], batch: bool = False) -> None:
+                 prefer: str | None, deadline: float, future: asyncio.Future[Lease], batch: bool = False,
+                 needs: frozenset[str] = frozenset()) -> None:
         self.batch = batch
+        self.needs = needs
         self.model = model
         self.cost = cost
         self.client = client
@@ -93,23 +95,27 @@ class Admission:
         return depths
 
     def try_acquire(self, model: str, cost: int, *, deadline: float, exclude: frozenset[str] | set[str] = frozenset(),
-                    prefer: str | None = None, batch: bool = False) -> Lease | None:
+                    prefer: str | None = None, batch: bool = False,
+                    needs: frozenset[str] = frozenset()) -> Lease | None:
         """A lease at once if one is free and nobody waiting would go first; else None (no waiting)."""
         # an interactive request goes before batch waiters, a batch request after every waiter
         if self._depth == (self._batch_depth if not batch else 0):
-            return self._pool.acquire(model, cost, exclude, prefer=prefer, deadline=deadline, batch=batch)
+            return self._pool.acquire(model, cost, exclude, prefer=prefer, deadline=deadline, batch=batch,
+                                      needs=needs)
         return None
 
     async def acquire(self, model: str, cost: int, *, client: str | None, deadline: float,
                       exclude: frozenset[str] | set[str] = frozenset(), prefer: str | None = None,
-                      batch: bool = False) -> Lease:
+                      batch: bool = False, needs: frozenset[str] = frozenset()) -> Lease:
         """A lease for ``model``, waiting until ``deadline`` if need be; ``PoolBusy`` past it.
-        ``batch``: the batch runner's request (its share of the pool, after interactive waiters)."""
-        lease = self.try_acquire(model, cost, deadline=deadline, exclude=exclude, prefer=prefer, batch=batch)
+        ``batch``: the batch runner's request (its share of the pool, after interactive waiters);
+        ``needs``: what the account must be able to do (``app.capabilities``)."""
+        lease = self.try_acquire(model, cost, deadline=deadline, exclude=exclude, prefer=prefer, batch=batch,
+                                 needs=needs)
         if lease is not None:
             return lease
         now = self._clock.time()
-        at = self._pool.next_free_time(model, cost, exclude, prefer, deadline, batch=batch)
+        at = self._pool.next_free_time(model, cost, exclude, prefer, deadline, batch=batch, needs=needs)
         if at is None:
             raise PoolUnavailable(f"No account can serve '{model}' now: all are disabled, dead or out of quota.")
         if at > deadline:
@@ -119,7 +125,7 @@ class Admission:
             raise PoolBusy(f"The queue is full ({self._max_queue} waiting); retry shortly.",
                            retry_after=max(1.0, at - now))
         future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
-        waiter = _Waiter(model, cost, client or "", exclude, prefer, deadline, future, batch)
+        waiter = _Waiter(model, cost, client or "", exclude, prefer, deadline, future, batch, needs)
         self._queues_of(waiter).setdefault(waiter.client, deque()).append(waiter)
         self._depth += 1
         if batch:
@@ -149,13 +155,13 @@ class Admission:
 
     async def wait_or_refuse(self, model: str, cost: int, *, client: str | None, deadline: float,
                              exclude: frozenset[str] | set[str] = frozenset(), prefer: str | None = None,
-                             batch: bool = False) -> Lease:
+                             batch: bool = False, needs: frozenset[str] = frozenset()) -> Lease:
         """``acquire``, turning a deadline that passed into ``PoolBusy`` with an honest ``Retry-After``."""
         try:
             return await self.acquire(model, cost, client=client, deadline=deadline, exclude=exclude, prefer=prefer,
-                                      batch=batch)
+                                      batch=batch, needs=needs)
         except TimeoutError:
-            at = self._pool.next_free_time(model, cost, exclude, batch=batch)
+            at = self._pool.next_free_time(model, cost, exclude, batch=batch, needs=needs)
             if at is None:
                 raise PoolUnavailable(
                     f"No account can serve '{model}' now: all are disabled, dead or out of quota.") from None
@@ -206,17 +212,18 @@ class Admission:
     def _round(self, queues: OrderedDict[str, deque[_Waiter]], batch: bool) -> bool:
         """One waiter per client key, the longest-unserved key first; whether anyone was served."""
         served = False
-        full: dict[str, int] = {}  # model -> smallest cost that found no room this round
+        full: dict[tuple[str, frozenset[str]], int] = {}  # (model, needs) -> smallest cost that found no room
         for client in list(queues):
             queue = queues.get(client)
             if not queue:
                 continue
             got = False
             for waiter in self._candidates(queue):
-                if waiter.prefer is None and not waiter.exclude and waiter.cost >= full.get(waiter.model, 1 << 62):
+                kind = (waiter.model, waiter.needs)
+                if waiter.prefer is None and not waiter.exclude and waiter.cost >= full.get(kind, 1 << 62):
                     continue
                 lease = self._pool.acquire(waiter.model, waiter.cost, waiter.exclude, prefer=waiter.prefer,
-                                           deadline=waiter.deadline, batch=batch)
+                                           deadline=waiter.deadline, batch=batch, needs=waiter.needs)
                 if lease is not None:
                     waiter.future.set_result(lease)
                     queue.remove(waiter)
@@ -224,7 +231,7 @@ class Admission:
                     served = got = True
                     break
                 if waiter.prefer is None and not waiter.exclude:
-                    full[waiter.model] = min(waiter.cost, full.get(waiter.model, waiter.cost))
+                    full[kind] = min(waiter.cost, full.get(kind, waiter.cost))
             if not queue:
                 queues.pop(client, None)
             elif got:
@@ -234,14 +241,14 @@ class Admission:
     def _arm_for_windows(self) -> None:
         """Arm the timer for the earliest moment a window rolls or a cooldown ends for a waiter."""
         now = self._clock.time()
-        seen: dict[tuple[str, int, str | None, bool], float | None] = {}
+        seen: dict[tuple[str, int, str | None, bool, frozenset[str]], float | None] = {}
         earliest = float("inf")
         for queue in (*self._queues.values(), *self._batch_queues.values()):
             for w in self._candidates(queue):
-                key = (w.model, w.cost, w.prefer, w.batch)
+                key = (w.model, w.cost, w.prefer, w.batch, w.needs)
                 if key not in seen or w.exclude:
                     seen[key] = self._pool.next_free_time(w.model, w.cost, w.exclude, w.prefer, w.deadline,
-                                                          batch=w.batch)
+                                                          batch=w.batch, needs=w.needs)
                 at = seen[key]
                 if at is not None and now < at < earliest:
                     earliest = at

@@ -25,6 +25,8 @@ class RequestContext:
     """Seconds spent waiting for an account (the admission queue, over all attempts), on the pool's clock."""
     binding: Binding | None = None
     """The session's binding once a lease was taken (None: a one-off request)."""
+    needs: frozenset[str] = frozenset()
+    """What the account must be able to do for this request (``app.capabilities``)."""
     batch: bool = False
     """A batch job's request: it gets the pool's batch share, after waiting interactive requests."""
     gone: Callable[[], Awaitable[None]] | None = None

@@ -57,8 +57,18 @@ class Leases(Protocol):
         """Remember in the session where its upstream chat now stands."""
         ...
 
-    async def next_free_in(self, model: str) -> float | None:
-        """Seconds until some account could take ``model``; None if none can without an operator."""
+    async def next_free_in(self, model: str, needs: frozenset[str] = frozenset()) -> float | None:
+        """Seconds until some account could take ``model`` (with ``needs``); None if none can without an
+        operator."""
+        ...
+
+    def capable(self, model: str, needs: frozenset[str]) -> bool:
+        """Whether some account (not disabled) serves ``model`` with all of ``needs`` (asked on every request
+        that needs anything: must be cheap)."""
+        ...
+
+    def kinds_serving(self, model: str) -> set[str]:
+        """The account kinds (not disabled) serving ``model``, for error messages."""
         ...
 
     def headroom(self, model: str, now: float) -> list[tuple[bytes, bytes]]:
@@ -82,7 +92,7 @@ class PoolLeases:
         binding = self._sessions.get(ctx.session, now) if ctx.session else None
         lease = await self._admission.wait_or_refuse(
             model, cost, client=ctx.client, deadline=now + ctx.max_wait, exclude=exclude,
-            prefer=binding.account if binding else None, batch=ctx.batch)
+            prefer=binding.account if binding else None, batch=ctx.batch, needs=ctx.needs)
         if ctx.session:
             ctx.binding = self.bound(ctx.session, binding, lease.account.name)
         return lease
@@ -92,7 +102,8 @@ class PoolLeases:
         now = self._clock.time()
         binding = self._sessions.get(ctx.session, now) if ctx.session else None
         lease = self._admission.try_acquire(model, cost, deadline=now + ctx.max_wait, exclude=exclude,
-                                            prefer=binding.account if binding else None, batch=ctx.batch)
+                                            prefer=binding.account if binding else None, batch=ctx.batch,
+                                            needs=ctx.needs)
         if lease is not None and ctx.session:
             ctx.binding = self.bound(ctx.session, binding, lease.account.name)
         return lease
@@ -125,8 +136,14 @@ class PoolLeases:
         if binding is not None and binding.account == account:
             self._sessions.set_upstream(binding, chat_id, parent_id, self._clock.time(), turns=turns)
 
-    async def next_free_in(self, model: str) -> float | None:
-        return self._pool.next_free_in(model)
+    async def next_free_in(self, model: str, needs: frozenset[str] = frozenset()) -> float | None:
+        return self._pool.next_free_in(model, needs=needs)
+
+    def capable(self, model: str, needs: frozenset[str]) -> bool:
+        return self._pool.capable(model, needs)
+
+    def kinds_serving(self, model: str) -> set[str]:
+        return self._pool.kinds_serving(model)
 
     def headroom(self, model: str, now: float) -> list[tuple[bytes, bytes]]:
         return self._headroom.headers(model, now)

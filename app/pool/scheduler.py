@@ -58,6 +58,7 @@ class Pool:
         self._listeners: list[StateListener] = []
         self._release_listeners: list[Callable[[], None]] = []
         self._models: frozenset[str] | None = None
+        self._capable: dict[tuple[str, frozenset[str]], bool] = {}
         self._ring_stale = False
 
     # --- membership (driven by the store sync) -------------------------------------------------
@@ -83,6 +84,7 @@ class Pool:
 
     def _stale(self) -> None:
         self._models = None
+        self._capable.clear()
         self._ring_stale = True
 
     def _rebuild(self) -> None:
@@ -118,8 +120,21 @@ class Pool:
             self._models = frozenset(served)
         return self._models
 
-    def serving(self, model: str) -> Iterable[Account]:
-        return (a for a in self._accounts.values() if model in a.models and a.state is not State.DISABLED)
+    def capable(self, model: str, needs: frozenset[str]) -> bool:
+        """Whether some account that is not disabled serves ``model`` with all of ``needs`` (cached)."""
+        key = (model, needs)
+        found = self._capable.get(key)
+        if found is None:
+            found = self._capable[key] = any(a.can(model, needs) for a in self.serving(model))
+        return found
+
+    def kinds_serving(self, model: str) -> set[str]:
+        """The kinds of the accounts (not disabled) that serve ``model``."""
+        return {a.kind for a in self.serving(model)}
+
+    def serving(self, model: str, needs: frozenset[str] = frozenset()) -> Iterable[Account]:
+        return (a for a in self._accounts.values()
+                if model in a.models and a.state is not State.DISABLED and (not needs or a.can(model, needs)))
 
     def _free_at(self, account: Account, now: float, cost: int, batch: bool = False) -> float | None:
         """When ``account`` could take a request of ``cost`` (concurrency aside); None: not without an operator."""
@@ -129,12 +144,12 @@ class Pool:
         return max(state_free, account.limits.free_at(now, cost, self._keep if batch else None))
 
     def _pinned(self, prefer: str | None, model: str, exclude: frozenset[str] | set[str], now: float, cost: int,
-                deadline: float | None, batch: bool = False) -> Account | None:
+                deadline: float | None, batch: bool = False, needs: frozenset[str] = frozenset()) -> Account | None:
         """The preferred account, if the request should wait for it rather than move."""
         if prefer is None:
             return None
         account = self._accounts.get(prefer)
-        if account is None or model not in account.models or prefer in exclude:
+        if account is None or not account.can(model, needs) or prefer in exclude:
             return None
         at = self._free_at(account, now, cost, batch)
         if at is None or (deadline is not None and at > deadline):
@@ -143,40 +158,43 @@ class Pool:
 
     def next_free_time(self, model: str, cost: int = 0, exclude: frozenset[str] | set[str] = frozenset(),
                        prefer: str | None = None, deadline: float | None = None, *,
-                       batch: bool = False) -> float | None:
+                       batch: bool = False, needs: frozenset[str] = frozenset()) -> float | None:
         """The earliest time some account (the preferred one, if the request waits for it) could take
         the request as far as states and windows go; ``now`` when only concurrency holds it back;
         None when no account could serve it without an operator. ``batch``: within the batch share."""
         now = self._clock.time()
-        pinned = self._pinned(prefer, model, exclude, now, cost, deadline, batch)
+        pinned = self._pinned(prefer, model, exclude, now, cost, deadline, batch, needs)
         if pinned is not None:
             return self._free_at(pinned, now, cost, batch)
-        times = [t for a in self.serving(model) if a.name not in exclude
+        times = [t for a in self.serving(model, needs) if a.name not in exclude
                  if (t := self._free_at(a, now, cost, batch)) is not None]
         return min(times) if times else None
 
-    def next_free_in(self, model: str, cost: int = 0) -> float | None:
+    def next_free_in(self, model: str, cost: int = 0, needs: frozenset[str] = frozenset()) -> float | None:
         """Seconds until some account could take ``model``; None if none can without an operator."""
-        at = self.next_free_time(model, cost)
+        at = self.next_free_time(model, cost, needs=needs)
         return None if at is None else max(0.0, at - self._clock.time())
 
     # --- scheduling ----------------------------------------------------------------------------
 
     def acquire(self, model: str, cost: int = 0, exclude: frozenset[str] | set[str] = frozenset(), *,
-                prefer: str | None = None, deadline: float | None = None, batch: bool = False) -> Lease | None:
+                prefer: str | None = None, deadline: float | None = None, batch: bool = False,
+                needs: frozenset[str] = frozenset()) -> Lease | None:
         """Take an account that can serve ``model`` with ``cost`` tokens now, or None.
 
         With ``prefer``, that account is taken if it can serve now; if it could before ``deadline``
         the answer is None (wait for it); otherwise round robin picks another (the session moves).
-        With ``batch``, only an account with room within the batch share is taken.
+        With ``batch``, only an account with room within the batch share is taken. With ``needs``, only an
+        account that can serve all of them (``Account.can``).
         """
         now = self._clock.time()
         fits = self._fits_batch if batch else self._fits
         if prefer is not None:
             account = self._accounts.get(prefer)
-            if account is not None and fits(account, model, exclude, now, cost):
+            if account is not None and fits(account, model, exclude, now, cost) \
+                    and (not needs or account.can(model, needs)):
                 return self._take(account, now, cost)
-            if self._pinned(prefer, model, exclude, now, cost, deadline, batch) is not None:
+            if self._pinned(prefer, model, exclude, now, cost, deadline, batch, needs) is not None:
                 return None
         if self._ring_stale:
             self._rebuild()
@@ -185,7 +203,7 @@ class Pool:
         start = self._cursor
         for step in range(size):
             account = ring[(start + step) % size]
-            if fits(account, model, exclude, now, cost):
+            if fits(account, model, exclude, now, cost) and (not needs or account.can(model, needs)):
                 self._cursor = (start + step + 1) % size
                 return self._take(account, now, cost)
         return None
@@ -270,5 +288,6 @@ class Pool:
 
     def _changed(self, account: Account) -> None:
         self._models = None
+        self._capable.clear()
         for listener in self._listeners:
             listener(account)

@@ -27,6 +27,14 @@ class ChatRequest:
     max_tokens: int | None = None
     params: dict[str, Any] = field(default_factory=dict)
     """Other OpenAI fields the client set (temperature, tools, stop, …), passed on where understood."""
+    needs: frozenset[str] = frozenset()
+    """What the serving account must be able to do (``app.capabilities``), derived when parsed."""
+    thinking: bool | None = None
+    """Thinking asked on or off; None: the upstream model's default."""
+    effort: str | None = None
+    """How hard to think, when asked: ``low``, ``medium``, ``high`` or ``max``."""
+    session_hint: str | None = None
+    """A conversation key the protocol carries (``prompt_cache_key`` …), for the session binding."""
 
 
 @dataclass(slots=True)

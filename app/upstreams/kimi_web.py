@@ -41,7 +41,8 @@ DELETE_PATH = "/apiv2/kimi.chat.v1.ChatService/DeleteChat"
 SUBSCRIPTION_PATH = "/apiv2/kimi.gateway.order.v1.SubscriptionService/GetSubscription"
 SCENARIOS = {"kimi-k2": "SCENARIO_K2", "kimi-k2.5": "SCENARIO_K2D5", "kimi-k2.6": "SCENARIO_K2D6"}
 """Model ids → kimi.com scenarios; ``-thinking`` after any of them turns thinking on."""
-EFFORTS = {"low": "REASONING_EFFORT_LOW", "medium": "REASONING_EFFORT_MEDIUM", "high": "REASONING_EFFORT_HIGH"}
+EFFORTS = {"low": "REASONING_EFFORT_LOW", "medium": "REASONING_EFFORT_MEDIUM", "high": "REASONING_EFFORT_HIGH",
+           "max": "REASONING_EFFORT_HIGH"}
 EXHAUSTED_COOLDOWN = 60.0
 """How long an account told ``resource_exhausted`` rests (doubling while it repeats, up to 5 min)."""
 BUSY_COOLDOWN = 2.0
@@ -149,10 +150,9 @@ class KimiWebUpstream:
     @staticmethod
     def _body(request: ChatRequest, model: str, thread: Thread | None) -> bytes:
         scenario, thinking = scenario_of(model)
-        effort = request.params.get("reasoning_effort")
-        options: dict[str, Any] = {"thinking": thinking or effort in EFFORTS}
-        if effort in EFFORTS:
-            options["reasoning_effort"] = EFFORTS[effort]
+        options: dict[str, Any] = {"thinking": thinking or bool(request.thinking)}
+        if request.effort in EFFORTS:
+            options["reasoning_effort"] = EFFORTS[request.effort]
         new = request.messages[thread.turns:] if thread is not None else request.messages
         message: dict[str, Any] = {"role": "user", "blocks": [{"message_id": "", "text": {"content": flatten(new)}}],
                                    "scenario": scenario}

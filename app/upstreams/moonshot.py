@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from app.capabilities import FORCED_TOOL
 from app.clock import Clock
 from app.errors import (
     AuthDead,
@@ -23,14 +24,19 @@ from app.errors import (
     UpstreamError,
     UpstreamOverloaded,
 )
+from app.kimi_models import moonshot_traits
 from app.pool.account import Account
 from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Finish, Thread, Usage
 from app.upstreams.http import TRANSPORT_ERRORS
 
 PASSTHROUGH = (
-    "temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "stop", "tools", "tool_choice",
-    "response_format", "seed", "logprobs", "top_logprobs", "user", "parallel_tool_calls",
+    "temperature", "top_p", "presence_penalty", "frequency_penalty", "stop", "tool_choice", "response_format",
+    "seed", "user", "parallel_tool_calls",
 )
+K3_EFFORTS = {"low": "low", "medium": "high", "high": "high", "max": "max"}
+"""A client's effort → the K3 family's levels (it has no ``medium``: Moonshot runs it as ``high``)."""
+_TOOL_KEYS = ("name", "description", "parameters")
+"""What a function tool carries to Moonshot (its ``strict`` is not Kimi's)."""
 _MESSAGE_KEYS = frozenset({"role", "content", "name", "tool_calls", "tool_call_id", "reasoning_content", "partial"})
 _PART_KEYS = {"text": ("type", "text"), "image_url": ("type", "image_url"), "video_url": ("type", "video_url")}
 _WAIT = re.compile(r"after\s+(\d+(?:\.\d+)?)\s*s", re.IGNORECASE)
@@ -65,15 +71,46 @@ def sanitize_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def classify(status: int, body: bytes, headers: Any, now: float) -> UpstreamError:
-    """Map a non-200 answer (or an in-stream error object) to the closed error set."""
+def _tool(tool: dict[str, Any]) -> dict[str, Any]:
+    """A tool as Moonshot takes it: the function's name, description and parameters, the schema without
+    its ``$schema`` marker (Claude Code puts one in every tool)."""
+    function = tool.get("function")
+    if tool.get("type") != "function" or not isinstance(function, dict):
+        return tool  # a builtin function ($web_search) goes as it is
+    clean = {k: function[k] for k in _TOOL_KEYS if k in function}
+    parameters = clean.get("parameters")
+    if isinstance(parameters, dict) and "$schema" in parameters:
+        clean["parameters"] = {k: v for k, v in parameters.items() if k != "$schema"}
+    return {"type": "function", "function": clean}
+
+
+def thinking_fields(request: ChatRequest, model: str) -> dict[str, Any]:
+    """How to ask ``model`` for the thinking the request wants: K3 takes ``reasoning_effort``; the K2.5/K2.6
+    models take ``thinking`` and have it on by default (off for a turn that forces a tool, which they refuse
+    while thinking); models that always or never think take nothing. Never both fields (Moonshot answers 400)."""
+    traits = moonshot_traits(model)
+    if traits.efforts:
+        return {"reasoning_effort": K3_EFFORTS[request.effort]} if request.effort else {}
+    if traits.thinking == "default":
+        if request.thinking is False or (request.thinking is None and FORCED_TOOL in request.needs):
+            return {"thinking": {"type": "disabled"}}
+        if request.thinking:
+            return {"thinking": {"type": "enabled"}}
+    elif traits.thinking == "always" and request.thinking:
+        return {"thinking": {"type": "enabled"}}
+    return {}
+
+
+def classify(status: int | None, body: bytes, headers: Any, now: float) -> UpstreamError:
+    """Map a non-200 answer (or, with ``status`` None, an error event inside a stream) to the closed set."""
     kind = message = None
     try:
         error = orjson.loads(body)["error"]
         kind, message = error.get("type"), error.get("message")
     except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError):
         pass
-    message = str(message or f"upstream answered HTTP {status}")
+    where = "in its stream" if status is None else f"HTTP {status}"
+    message = str(message or f"upstream answered {where}")
     if status == 401 or kind in ("invalid_authentication_error", "incorrect_api_key_error"):
         return AuthDead(f"Moonshot rejected the API key: {message}")
     if kind == "exceeded_current_quota_error":
@@ -86,6 +123,8 @@ def classify(status: int, body: bytes, headers: Any, now: float) -> UpstreamErro
             return QuotaExhausted(f"daily token limit reached: {message}", until=day_start + _DAY)
         bucket, limit = _window(message)
         return RateLimited(message, retry_after=_wait_seconds(message, headers) or 1.0, bucket=bucket, limit=limit)
+    if status is None:  # the answer had begun: whatever it says, this answer is lost, not the request's fault
+        return Transient(f"Moonshot ended the stream with an error ({kind or 'no type'}): {message[:200]}")
     if status == 404:
         return UpstreamBadRequest(message, status=404, type="invalid_request_error", code="model_not_found")
     if 400 <= status < 500:
@@ -140,6 +179,10 @@ class MoonshotUpstream:
         for key in PASSTHROUGH:
             if key in params:
                 body[key] = params[key]
+        if "tools" in params:
+            body["tools"] = [_tool(t) for t in params["tools"]]
+        if request.thinking is not None or request.needs:
+            body.update(thinking_fields(request, model))
         if stream and request.include_usage:
             body["stream_options"] = {"include_usage": True}
         return orjson.dumps(body)
@@ -225,8 +268,7 @@ class MoonshotUpstream:
         """Append the events of one SSE chunk to ``batch``; return whether the answer has finished."""
         chunk = orjson.loads(payload)
         if "error" in chunk:
-            error = classify(500, payload, None, self._clock.time())
-            raise error if not isinstance(error, UpstreamBadRequest) else Transient(error.message)
+            raise classify(None, payload, None, self._clock.time())
         choices = chunk.get("choices")
         if choices:
             choice = choices[0]
@@ -234,6 +276,9 @@ class MoonshotUpstream:
             content = delta.get("content")
             reasoning = delta.get("reasoning_content")
             tool_calls = delta.get("tool_calls")
+            if not isinstance(content, str | None) or not isinstance(reasoning, str | None) \
+                    or not isinstance(tool_calls, list | None):
+                raise Transient("Moonshot sent a malformed stream chunk")
             if content or reasoning or tool_calls:
                 batch.append(Delta(content or None, reasoning or None, tool_calls))
             reason = choice.get("finish_reason")

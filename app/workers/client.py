@@ -142,7 +142,7 @@ class RemoteLeases:
         link = self._link
         try:
             rid, future = link.ask(lambda rid: ["take", rid, model, cost, ctx.client, ctx.max_wait, ctx.session,
-                                                list(exclude), ctx.batch])
+                                                list(exclude), ctx.batch, sorted(ctx.needs)])
         except KeeperLost:
             raise PoolUnavailable("This kimi-pool worker lost its keeper process; retry shortly.",
                                   retry_after=1.0) from None
@@ -196,14 +196,20 @@ class RemoteLeases:
             binding.chat_id, binding.parent_id, binding.turns = thread.chat_id, thread.parent_id, thread.turns
             self._link.send(["thread", binding.key, binding.account, thread.chat_id, thread.parent_id, thread.turns])
 
-    async def next_free_in(self, model: str) -> float | None:
+    async def next_free_in(self, model: str, needs: frozenset[str] = frozenset()) -> float | None:
         try:
-            _, future = self._link.ask(lambda rid: ["free_in", rid, model])
+            _, future = self._link.ask(lambda rid: ["free_in", rid, model, sorted(needs)])
             frame = await future
         except KeeperLost:
             return None
         value: float | None = frame[2]
         return value
+
+    def capable(self, model: str, needs: frozenset[str]) -> bool:
+        return self._accounts.capable(model, needs)
+
+    def kinds_serving(self, model: str) -> set[str]:
+        return self._accounts.kinds_serving(model)
 
     def headroom(self, model: str, now: float) -> list[tuple[bytes, bytes]]:
         return self._headroom.get(model, [])

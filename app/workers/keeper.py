@@ -3,7 +3,7 @@ worker of ``serve --workers N`` leases from.
 
 Per worker connection:
 
-- ``take [rid, model, cost, client, max_wait, session, exclude, batch]`` → ``lease [rid, lease_id,
+- ``take [rid, model, cost, client, max_wait, session, exclude, batch, needs]`` → ``lease [rid, lease_id,
   account, binding, headroom]`` (``binding``: ``[chat_id, parent_id, turns]`` of the session, or
   null; ``headroom``: the ``x-ratelimit-*`` header pairs when they changed since last sent) or
   ``refused [rid, "busy"|"unavailable", message, retry_after]``. A take may wait in the admission
@@ -13,7 +13,7 @@ Per worker connection:
 - ``thread [session, account, chat_id, parent_id, turns]``: where the session's upstream chat stands.
 - ``failed [request_id, account, error]`` and ``done [record, waited_ms, first_byte_ms]``: for the
   metrics; ``done`` of a dispatched request (``waited_ms`` not null) is also its usage row.
-- ``free_in [rid, model]`` → ``free_in [rid, seconds|null]``.
+- ``free_in [rid, model, needs]`` → ``free_in [rid, seconds|null]``.
 - ``hello [index, pid]``: the worker is serving. The keeper sends ``reload`` after each account sync.
 
 A worker that goes away (crash, kill) has its waiting takes withdrawn and its leases released.
@@ -125,8 +125,8 @@ class _WorkerConnection:
             self._server._on_hello(index, pid)
 
     def _take(self, frame: Frame) -> None:
-        rid, model, cost, client, max_wait, session, exclude, batch = frame[1:]
-        ctx = RequestContext("", client, max_wait=max_wait, session=session, batch=batch)
+        rid, model, cost, client, max_wait, session, exclude, batch, needs = frame[1:]
+        ctx = RequestContext("", client, max_wait=max_wait, session=session, batch=batch, needs=frozenset(needs))
         lease = self._leases.try_take(model, cost, ctx, set(exclude))
         if lease is not None:  # most takes: no task, no waiting
             self._grant(rid, model, ctx, lease)
@@ -196,10 +196,10 @@ class _WorkerConnection:
             observer.finished(record, waited_ms, first_byte_ms)
 
     def _free_in(self, frame: Frame) -> None:
-        rid, model = frame[1], frame[2]
+        rid, model, needs = frame[1], frame[2], frozenset(frame[3])
 
         async def answer() -> None:
-            self.send(["free_in", rid, await self._leases.next_free_in(model)])
+            self.send(["free_in", rid, await self._leases.next_free_in(model, needs)])
 
         task = asyncio.create_task(answer())
         task.add_done_callback(_log_failure)

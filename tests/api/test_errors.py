@@ -48,6 +48,37 @@ async def stack(tmp_path: Path) -> Any:
     (b'{"model": "kimi-k2-0905-preview", "messages": [{"role": "user", "content": "x"}], "max_tokens": -1}',
      "max_tokens"),
     (b'{"model": "kimi-k2-0905-preview", "messages": [{"role": "user", "content": "x"}], "n": 2}', "n"),
+    # found by fuzzing: an object or a list where a string belongs, streaming or not
+    (b'{"model": "kimi-k2-0905-preview", "messages": [{"role": {"a": 1}, "content": "x"}], "stream": true}',
+     "messages[0].role"),
+    (b'{"model": "kimi-k2-0905-preview", "messages": [{"role": ["user"], "content": "x"}]}', "messages[0].role"),
+    (b'{"model": "kimi-k2-0905-preview", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1e300}',
+     "max_tokens"),
+    (b'{"model": "kimi-k2-0905-preview", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1e7}',
+     "max_tokens"),
+    (b'{"model": "kimi-k2-0905-preview", "messages": [{"role": "user", "content": "x"}], "seed": 1e30}', "seed"),
+    (b'{"model": "kimi-k2-0905-preview", "messages": [{"role": "user", "content": "x"}], "response_format": '
+     + b'{"type": "json_schema", "json_schema": {"name": "n", "schema": ' + b'{"a": ' * 300 + b"1" + b"}" * 300
+     + b"}}}", "response_format"),
+    (b'{"model": "kimi-k2-0905-preview", "messages": [{"role": "user", "content": "x"}], "frobnicate": 1}',
+     "frobnicate"),
+    (b'{"model": "kimi-k2-0905-preview", "messages": [{"role": "user", "content": "x"}], "logprobs": true}',
+     "logprobs"),
+    (b'{"model": "kimi-k2-0905-preview", "messages": [{"role": "user", "content": "x"}], "store": true}', "store"),
+    (b'{"model": "kimi-k2-0905-preview", "messages": [{"role": "user", "content": "x"}], '
+     b'"reasoning_effort": "high", "thinking": {"type": "disabled"}}', "reasoning_effort"),
+    (b'{"model": "kimi-k2-0905-preview", "messages": [{"role": "user", "content": "x"}], "reasoning_effort": "x"}',
+     "reasoning_effort"),
+    (b'{"model": "kimi-k2-0905-preview", "messages": [{"role": "user", "content": "x"}], "tool_choice": "always"}',
+     "tool_choice"),
+    (b'{"model": "kimi-k2-0905-preview", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": '
+     b'"function", "function": {"name": "a"}}], "tool_choice": {"type": "function", "function": {"name": "b"}}}',
+     "tool_choice"),
+    (b'{"model": "kimi-k2-0905-preview", "messages": [{"role": "user", "content": [{"type": "input_audio", '
+     b'"input_audio": {"data": "", "format": "wav"}}]}]}', "messages[0].content"),
+    (b'{"model": "kimi-k2-0905-preview", "messages": [{"role": "tool", "content": "x"}]}', "messages[0].tool_call_id"),
+    (b'{"model": "kimi-k2-0905-preview", "messages": [{"role": "assistant", "content": "x", "partial": true}, '
+     b'{"role": "user", "content": "y"}]}', "messages[0].partial"),
 ])
 async def test_malformed_requests_get_400_naming_the_parameter(stack: Stack, body: bytes, param: str | None) -> None:
     async with stack.http() as http:
@@ -55,6 +86,10 @@ async def test_malformed_requests_get_400_naming_the_parameter(stack: Stack, bod
                                    headers={**AUTH, "Content-Type": "application/json"})
     assert_error(response, 400, "invalid_request_error", param=param)
     assert stack.emulator.snapshot()["totals"]["requests"] == 0
+    async with stack.http() as http:  # and the pool is as it was: nothing was charged, nothing breaks
+        status = await http.get("/v1/pool/status", headers=AUTH)
+    assert status.status_code == 200
+    assert all(a["in_flight"] == 0 for a in status.json()["accounts"])
 
 
 async def test_oversized_body_is_refused_before_reading_it_all(stack: Stack) -> None:

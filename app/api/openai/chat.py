@@ -104,7 +104,7 @@ class ChatCompletions:
             raw = await read_body(receive, header(scope, b"content-length"), self._settings.max_body_bytes)
             payload = parse_json(raw)
             chat = parse_chat_request(payload)
-            dispatcher.check_model(chat.model)
+            dispatcher.check(chat)
             max_wait = self._max_wait(scope)
             key = header(scope, b"idempotency-key")
             if key is not None and self._idempotency is not None:  # may wait for a request holding the key
@@ -145,15 +145,15 @@ class ChatCompletions:
 
 def _conversation(scope: Scope, chat: ChatRequest, client: str | None) -> str | None:
     """The session key of a request that belongs to a conversation: one the client names
-    (``X-Session-Id`` or ``user``), or one with history. A lone first turn without either gets no
+    (``X-Session-Id``, ``prompt_cache_key`` or ``user``), or one with history. A lone first turn without either gets no
     binding, so a batch of single-turn requests does not fill the session table; its second turn
     (which carries the first answer) binds the conversation."""
     named = header(scope, b"x-session-id")
+    hint = named.decode("latin-1") if named else chat.session_hint  # X-Session-Id, else prompt_cache_key
     user = chat.params.get("user")
-    if named is None and not user and not any(m.get("role") == "assistant" for m in chat.messages):
+    if not hint and not user and not any(m.get("role") == "assistant" for m in chat.messages):
         return None
-    return session_key(session_header=named.decode("latin-1") if named else None, user=user, client=client,
-                       messages=chat.messages)
+    return session_key(session_header=hint, user=user, client=client, messages=chat.messages)
 
 
 def _disconnect_of(receive: Receive) -> Callable[[], Awaitable[None]]:

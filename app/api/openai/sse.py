@@ -71,7 +71,7 @@ class ChunkRenderer:
 
 def completion_body(completion: Completion, completion_id: str, created: int, model: str) -> dict[str, Any]:
     """A whole answer as an OpenAI ``chat.completion`` object."""
-    message: dict[str, Any] = {"role": "assistant", "content": completion.content}
+    message: dict[str, Any] = {"role": "assistant", "content": completion.content, "refusal": None}
     if completion.reasoning is not None:
         message["reasoning_content"] = completion.reasoning
     if completion.tool_calls:

@@ -32,6 +32,8 @@ async def test_non_streaming_answer_is_one_openai_completion(tmp_path: Path) -> 
         assert completion.choices[0].message.content
         assert completion.choices[0].finish_reason == "stop"
         assert completion.usage is not None and completion.usage.total_tokens > 0
+        message = orjson.loads(raw.content)["choices"][0]["message"]
+        assert "refusal" in message and message["refusal"] is None, "the spec requires the key"
 
 
 async def test_stream_follows_the_openai_chunk_contract(tmp_path: Path) -> None:
@@ -138,6 +140,17 @@ async def test_failure_after_streaming_began_ends_with_an_error_event(tmp_path: 
         assert "error" in last and last["error"]["type"] == "upstream_error"
         assert "data: [DONE]" not in frames
         assert not any("finish_reason\":\"stop" in f for f in frames), "a cut stream never looks finished"
+
+
+async def test_an_error_event_inside_the_upstream_stream_is_reported_as_what_it_was(tmp_path: Path) -> None:
+    async with run_stack(tmp_path, keys=["sk-emu-0001"]) as stack, stack.http() as http:
+        stack.emulator.script(None, [{"kind": "error_chunk_after", "chunks": 2, "type": "engine_overloaded_error",
+                                      "message": "The engine is currently overloaded"}])
+        response = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": HELLO, "stream": True},
+                                   headers={"Authorization": f"Bearer {MASTER_KEY}"})
+        error = response.json()["error"]  # the only account failed before a byte reached the client
+        assert response.status_code == 503
+        assert "overloaded" in error["message"] and "HTTP 500" not in error["message"]
 
 
 async def test_request_ids_are_returned_and_client_ids_echoed(tmp_path: Path) -> None:
