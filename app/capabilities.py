@@ -8,7 +8,8 @@ refused with a 400 that names the parameter — never served silently without wh
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from app.accounts_config import ACCOUNT_KINDS, DEFAULT_MODELS
 from app.kimi_models import moonshot_traits
@@ -65,6 +66,39 @@ def capabilities(kind: str, upstream_model: str) -> frozenset[str]:
     if kind == "kimi-web":  # kimi.com's chat: thinking with effort levels; text in, text out
         return _WEB_THINKING if upstream_model.endswith("-thinking") else _WEB_THINKING | {NO_THINKING}
     return frozenset({NO_THINKING})  # kimi-ai-chat: one flattened text prompt, one text answer
+
+
+_PART_NEEDS = {"image_url": IMAGES, "video_url": VIDEO}
+
+
+def needs_of(messages: Sequence[Mapping[str, Any]], params: Mapping[str, Any], thinking: bool | None) -> frozenset[str]:
+    """What a request asks of the upstream, from its (OpenAI-shaped) messages and parameters and whether it
+    asked to think: the one derivation every front-end uses, once, when it parses a request."""
+    needs: set[str] = set()
+    for message in messages:
+        content = message.get("content")
+        if isinstance(content, list):
+            for part in content:
+                need = _PART_NEEDS.get(str(part.get("type"))) if isinstance(part, Mapping) else None
+                if need is not None:
+                    needs.add(need)
+    if messages and messages[-1].get("role") == "assistant" and messages[-1].get("partial"):
+        needs.add(PARTIAL)
+    if thinking:
+        needs.add(THINKING)
+    elif thinking is False:
+        needs.add(NO_THINKING)
+    tools = params.get("tools")
+    choice = params.get("tool_choice")
+    if tools and choice != "none":
+        needs.add(TOOLS)
+        if choice == "required" or isinstance(choice, Mapping):
+            needs.add(FORCED_TOOL_THINKING if thinking else FORCED_TOOL)
+    response_format = params.get("response_format")
+    kind = response_format.get("type") if isinstance(response_format, Mapping) else None
+    if kind in (JSON_OBJECT, JSON_SCHEMA):
+        needs.add(kind)
+    return frozenset(needs)
 
 
 def kinds_able(needs: frozenset[str]) -> list[str]:

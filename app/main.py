@@ -49,8 +49,10 @@ from app.pool.admission import Admission
 from app.pool.leases import PoolLeases
 from app.pool.scheduler import Pool
 from app.pool.sessions import SessionTable
+from app.sealing import KEY_NAME, Sealer
 from app.store.db import Database
 from app.store.repository import import_config
+from app.store.secrets import server_secret
 from app.store.sessions import SessionRepository
 from app.store.writer import WriteBehind
 from app.sync import AccountSync
@@ -99,6 +101,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
             await import_accounts(db, settings, clock)
         writer = WriteBehind(db, clock=clock, interval=settings.flush_interval)
         writer.start()
+        app.state.sealer = Sealer(await server_secret(db, KEY_NAME, Sealer.new_key(), clock.time()))
         pool = Pool(clock, interactive_share=settings.interactive_share)
         auth = Authenticator(settings.master_key)
 

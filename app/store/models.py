@@ -200,3 +200,14 @@ class IdempotencyRow(Base):
     body: Mapped[bytes] = mapped_column(LargeBinary)
     created_at: Mapped[float] = mapped_column(Float)
     expires_at: Mapped[float] = mapped_column(Float)
+
+
+class ServerSecretRow(Base):
+    """Keys the server makes for itself once and shares between its processes and instances (the sealing key
+    that signs thinking blocks and encrypts reasoning handed to clients)."""
+
+    __tablename__ = "server_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[float] = mapped_column(Float)

@@ -17,6 +17,9 @@ from app.errors import ConfigError
 from app.store.db import SCHEMA_HEAD, Database, migrations_dir
 from app.store.models import Base
 
+HEAD = "0005"
+"""The newest migration: a new revision changes this line."""
+
 
 def head_revision() -> str | None:
     config = Config()
@@ -33,13 +36,13 @@ async def db(tmp_path: Path) -> AsyncIterator[Database]:
 
 async def test_fresh_file_migrates_to_head(db: Database, tmp_path: Path) -> None:
     assert await db.current_revision() is None
-    assert await db.upgrade() == head_revision() == "0004"
+    assert await db.upgrade() == head_revision() == HEAD
     assert (tmp_path / "nested/dir/kimi-pool.db").is_file()
-    assert await db.current_revision() == "0004"
+    assert await db.current_revision() == HEAD
     async with db.engine.connect() as conn:
         tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
     assert tables == {"alembic_version", "accounts", "client_keys", "usage", "health_events", "sessions",
-                      "model_aliases", "files", "batches", "batch_items", "idempotency_keys"}
+                      "model_aliases", "files", "batches", "batch_items", "idempotency_keys", "server_secrets"}
 
 
 async def test_every_connection_gets_the_pragmas(db: Database) -> None:
@@ -61,7 +64,7 @@ async def test_second_upgrade_is_a_no_op(db: Database) -> None:
         statements.append(statement.strip().split()[0].upper())
 
     event.listen(db.engine.sync_engine, "before_cursor_execute", record)
-    assert await db.upgrade() == "0004"
+    assert await db.upgrade() == HEAD
     event.remove(db.engine.sync_engine, "before_cursor_execute", record)
     assert statements  # it did look at alembic_version ...
     writes = {"CREATE", "ALTER", "DROP", "INSERT", "UPDATE", "DELETE"}

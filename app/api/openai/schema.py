@@ -16,7 +16,7 @@ from typing import Any
 
 import orjson
 
-from app import capabilities as cap
+from app.capabilities import needs_of
 from app.errors import InvalidRequest, Unsupported
 from app.upstreams.base import ChatRequest
 
@@ -48,7 +48,7 @@ KNOWN = frozenset({
 EFFORTS = {"none": "none", "minimal": "low", "low": "low", "medium": "medium", "high": "high", "xhigh": "max",
            "max": "max"}
 """``reasoning_effort`` as clients send it → the level kimi-pool keeps (``none``: thinking off)."""
-_PART_NEEDS = {"text": None, "refusal": None, "image_url": cap.IMAGES, "video_url": cap.VIDEO}
+_PART_TYPES = frozenset({"text", "refusal", "image_url", "video_url"})
 _SERVICE_TIERS = (None, "auto", "default")
 
 
@@ -89,7 +89,7 @@ def check_depth(name: str, value: Any, limit: int = MAX_DEPTH) -> None:
     raise InvalidRequest(f"'{name}' is nested more than {limit} levels deep.", param=name)
 
 
-def _content(where: str, role: str, content: Any, needs: set[str]) -> Any:
+def _content(where: str, role: str, content: Any) -> Any:
     if isinstance(content, str):
         return content
     if content is None:
@@ -107,7 +107,7 @@ def _content(where: str, role: str, content: Any, needs: set[str]) -> Any:
         kind = part.get("type", "text") if isinstance(part, dict) else None
         if not isinstance(kind, str):
             raise InvalidRequest(f"'{where}.content[{j}]' must be a content part object.", param=f"{where}.content")
-        if kind not in _PART_NEEDS:
+        if kind not in _PART_TYPES:
             raise Unsupported(f"Content parts of type {kind!r} are not supported ({where}.content[{j}]); "
                               "kimi-pool takes text, image_url and video_url parts.", param=f"{where}.content")
         if kind in ("text", "refusal") and not isinstance(part.get(kind), str):
@@ -116,7 +116,6 @@ def _content(where: str, role: str, content: Any, needs: set[str]) -> Any:
             url = part.get(kind)
             if not (isinstance(url, dict) and isinstance(url.get("url"), str)) and not isinstance(url, str):
                 raise InvalidRequest(f"'{where}.content[{j}].{kind}.url' must be a string.", param=f"{where}.content")
-            needs.add(_PART_NEEDS[kind])  # type: ignore[arg-type]
         parts.append(part)
     return parts
 
@@ -132,7 +131,7 @@ def _tool_calls(where: str, calls: Any) -> None:
                                  "arguments (a JSON string)}}}}.", param=f"{where}.tool_calls")
 
 
-def _message(index: int, message: Any, last: bool, needs: set[str]) -> dict[str, Any]:
+def _message(index: int, message: Any, last: bool) -> dict[str, Any]:
     where = f"messages[{index}]"
     if not isinstance(message, dict):
         raise InvalidRequest(f"'{where}' must be an object.", param=where)
@@ -141,7 +140,7 @@ def _message(index: int, message: Any, last: bool, needs: set[str]) -> dict[str,
         raise InvalidRequest(f"'{where}.role' must be one of {', '.join(sorted(ROLES))}, not {role!r}.",
                              param=f"{where}.role")
     content = message.get("content")
-    checked = _content(where, role, content, needs)
+    checked = _content(where, role, content)
     if checked is not content:
         message = {**message, "content": checked}
     if role == "assistant":
@@ -153,11 +152,8 @@ def _message(index: int, message: Any, last: bool, needs: set[str]) -> dict[str,
         partial = message.get("partial")
         if partial is not None and not isinstance(partial, bool):
             raise InvalidRequest(f"'{where}.partial' must be a boolean.", param=f"{where}.partial")
-        if partial:
-            if not last:
-                raise InvalidRequest(f"'{where}.partial' is only allowed on the last message.",
-                                     param=f"{where}.partial")
-            needs.add(cap.PARTIAL)
+        if partial and not last:
+            raise InvalidRequest(f"'{where}.partial' is only allowed on the last message.", param=f"{where}.partial")
     elif role == "tool" and not isinstance(message.get("tool_call_id"), str):
         raise InvalidRequest(f"'{where}.tool_call_id' is required for role tool.", param=f"{where}.tool_call_id")
     if message.get("name") is not None and not isinstance(message["name"], str):
@@ -204,13 +200,10 @@ def _tool_choice(choice: Any, names: set[str]) -> bool:
                          param="tool_choice")
 
 
-def _response_format(value: Any) -> str | None:
-    """The need a ``response_format`` implies (None for plain text), after checking it."""
+def _response_format(value: Any) -> None:
     kind = value.get("type") if isinstance(value, dict) else None
-    if kind == "text":
-        return None
-    if kind == "json_object":
-        return cap.JSON_OBJECT
+    if kind in ("text", "json_object"):
+        return
     if kind == "json_schema":
         schema = value.get("json_schema")
         if not (isinstance(schema, dict) and isinstance(schema.get("name"), str)
@@ -218,7 +211,7 @@ def _response_format(value: Any) -> str | None:
             raise InvalidRequest("'response_format.json_schema' must be {name, schema, strict}.",
                                  param="response_format.json_schema")
         check_depth("response_format", value)
-        return cap.JSON_SCHEMA
+        return
     raise InvalidRequest("'response_format.type' must be 'text', 'json_object' or 'json_schema'.",
                          param="response_format")
 
@@ -278,9 +271,8 @@ def parse_chat_request(body: Any) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise InvalidRequest("'messages' is required and must be a non-empty array.", param="messages")
-    needs: set[str] = set()
     last = len(messages) - 1
-    checked = [_message(i, m, i == last, needs) for i, m in enumerate(messages)]
+    checked = [_message(i, m, i == last) for i, m in enumerate(messages)]
 
     stream = body.get("stream")
     if stream is not None and not isinstance(stream, bool):
@@ -328,10 +320,6 @@ def parse_chat_request(body: Any) -> ChatRequest:
         raise InvalidRequest("'parallel_tool_calls' must be a boolean.", param="parallel_tool_calls")
 
     thinking, effort = parse_thinking(body.get("thinking"), body.get("reasoning_effort"))
-    if thinking:
-        needs.add(cap.THINKING)
-    elif thinking is False:
-        needs.add(cap.NO_THINKING)
     tools = body.get("tools")
     choice = body.get("tool_choice")
     names: set[str] = set()
@@ -339,20 +327,13 @@ def parse_chat_request(body: Any) -> ChatRequest:
         names = _tools(tools)
         params["tools"] = tools
     if choice is not None:
-        forced = _tool_choice(choice, names)
+        if _tool_choice(choice, names) and not tools:
+            raise InvalidRequest("'tool_choice' forces a tool call but 'tools' is empty.", param="tool_choice")
         params["tool_choice"] = choice
-        if forced:
-            if not tools:
-                raise InvalidRequest("'tool_choice' forces a tool call but 'tools' is empty.", param="tool_choice")
-            needs.add(cap.FORCED_TOOL_THINKING if thinking else cap.FORCED_TOOL)
-    if tools and choice != "none":
-        needs.add(cap.TOOLS)
     response_format = body.get("response_format")
     if response_format is not None:
-        need = _response_format(response_format)
+        _response_format(response_format)
         params["response_format"] = response_format
-        if need is not None:
-            needs.add(need)
     return ChatRequest(model=model, messages=checked, stream=bool(stream), include_usage=include_usage,
-                       max_tokens=max_tokens, params=params, needs=frozenset(needs), thinking=thinking, effort=effort,
-                       session_hint=body.get("prompt_cache_key"))
+                       max_tokens=max_tokens, params=params, needs=needs_of(checked, params, thinking),
+                       thinking=thinking, effort=effort, session_hint=body.get("prompt_cache_key"))
