@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 UsagePosition = Literal["choice", "top", "both"]
 USAGE_POSITIONS = ("choice", "top", "both")
@@ -74,6 +74,29 @@ def default_models() -> dict[str, ModelInfo]:
         "moonshot-v1-32k": ModelInfo(32_768),
         "moonshot-v1-128k": ModelInfo(131_072),
     }
+
+
+MODEL_SPEC = "ID or ID:CONTEXT:THINKING[:vision][:forced-tools]"
+
+
+def parse_model_spec(spec: str) -> tuple[str, ModelInfo]:
+    """``kimi-k2.5`` (a default model, its traits) or ``kimi-k4:1048576:default_on:vision`` (``ValueError``)."""
+    name, *traits = spec.split(":")
+    if not name:
+        raise ValueError(f"bad model {spec!r}: give {MODEL_SPEC}")
+    if not traits:
+        known = default_models()
+        if name not in known:
+            raise ValueError(f"unknown model {name!r}: give its traits as {MODEL_SPEC}")
+        return name, known[name]
+    if len(traits) < 2 or not traits[0].isdigit() or int(traits[0]) < 1 \
+            or set(traits[2:]) - {"vision", "forced-tools"}:
+        raise ValueError(f"bad model {spec!r}: give {MODEL_SPEC} (THINKING: {', '.join(THINKING_MODES)})")
+    thinking = traits[1]
+    if thinking not in THINKING_MODES:
+        raise ValueError(f"bad model {spec!r}: thinking is one of {', '.join(THINKING_MODES)}")
+    return name, ModelInfo(int(traits[0]), cast(Thinking, thinking), vision="vision" in traits[2:],
+                           forced_tools_with_thinking="forced-tools" in traits[2:])
 
 
 RUNTIME_KNOBS = (

@@ -27,6 +27,7 @@ from app.emulator.moonshot import (
     OrgLimits,
     create_moonshot_emulator,
 )
+from app.emulator.moonshot_config import parse_model_spec
 from tests.conftest import serve
 
 KEY = "sk-emu-0001"
@@ -525,6 +526,12 @@ async def test_models_are_listed_with_their_context_length() -> None:
         raw = (await run.http.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})).json()
         assert raw["object"] == "list" and raw["data"][0]["context_length"] == 524_288
         assert (await run.http.get("/v1/models")).status_code == 401
+    specs = ["kimi-k4:1048576:default_on:vision:forced-tools", "moonshot-v1-8k"]  # as `emulate --model` takes them
+    async with running(MoonshotEmulatorConfig.simple(1, models=dict(map(parse_model_spec, specs)))) as run:
+        raw = (await run.http.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})).json()["data"]
+        assert [(m["id"], m["context_length"], m["thinking"], m["supports_image_in"],
+                 m["forced_tool_choice_with_thinking"]) for m in raw] == [
+            ("kimi-k4", 1_048_576, "default_on", True, True), ("moonshot-v1-8k", 8_192, "none", False, False)]
     async with running() as run:
         ids = [m.id async for m in run.sdk().models.list()]
         assert ids == ["kimi-k2.5", "kimi-k2.6", "kimi-k2.7-code", "kimi-k3", "kimi-k2-0905-preview",
