@@ -37,6 +37,8 @@ class ScriptedAnswer:
     reasoning: str | None = None
     tool_calls: tuple[ScriptedCall, ...] = ()
     web_search: str | None = None
+    json: bool = False
+    """The content is a scripted ``json`` object (streamed in JSON fragments, not words)."""
 
     @property
     def says(self) -> bool:
@@ -80,4 +82,5 @@ def parse_answer(raw: Any) -> ScriptedAnswer:
     search = raw.get("web_search")
     if search is not None and (not search or content is not None or calls):
         raise ValueError("web_search is a non-empty query, alone (no content, json or tool_calls)")
-    return ScriptedAnswer(content, raw.get("reasoning"), tuple(_call(c, i) for i, c in enumerate(calls)), search)
+    return ScriptedAnswer(content, raw.get("reasoning"), tuple(_call(c, i) for i, c in enumerate(calls)), search,
+                          "json" in raw)

@@ -89,7 +89,8 @@ class Composer:
         first = prior_calls(messages) if answer.tool_calls else 0
         calls = [Call(i, f"functions.{c.name}:{first + i}", "function", c.name, c.arguments)
                  for i, c in enumerate(answer.tool_calls)]
-        return words(answer.content or ""), calls
+        content = answer.content or ""
+        return (fragments(content) if answer.json else words(content)), calls
 
     def _default(self, asks: Asks, messages: list[Any], query: str | None) -> tuple[list[str], list[Call]]:
         reply = self.reply

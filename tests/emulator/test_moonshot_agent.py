@@ -382,6 +382,10 @@ async def test_json_answers_are_valid_for_their_schema() -> None:
         loose = await client.chat.completions.create(model=PLAIN, messages=HELLO,
                                                      response_format={"type": "json_object"})
         assert orjson.loads(loose.choices[0].message.content or "") == {"reply": REPLY}
+        run.emulator.script_answers(KEY, [{"json": {"verdict": "ok", "score": 0.9}}])
+        streamed = chunks((await run.chat(stream=True)).text)
+        pieces = [c["choices"][0]["delta"]["content"] for c in streamed[1:-1]]
+        assert len(pieces) > 1 and orjson.loads("".join(pieces)) == {"verdict": "ok", "score": 0.9}
         bad = error(await run.chat(response_format={"type": "json_schema", "json_schema": {"name": "x"}}))
         assert bad[0] == 400 and "json_schema needs" in bad[2]
 
