@@ -228,11 +228,11 @@ def _moonshot_routes(emulator: MoonshotEmulator) -> list[Route]:
         return Response(orjson.dumps({"queued": queued}), media_type="application/json")
 
     return [
-        Route("/__fake/answers", answers, methods=["POST"]),
         Route("/v1/chat/completions", Endpoint(chat), methods=["POST"]),
         Route("/v1/models", Endpoint(models), methods=["GET"]),
         Route("/v1/users/me/balance", Endpoint(balance), methods=["GET"]),
         Route("/v1/tokenizers/estimate-token-count", Endpoint(estimate), methods=["POST"]),
+        Route("/__fake/answers", answers, methods=["POST"]),
     ]
 
 

@@ -21,7 +21,7 @@ import orjson
 from app.emulator import moonshot_wire as wire
 from app.emulator.moonshot_config import ModelInfo
 
-AGENT_FIELDS = ("tools", "tool_choice", "thinking", "reasoning_effort", "response_format")
+AGENT_FIELDS = frozenset(("tools", "tool_choice", "thinking", "reasoning_effort", "response_format"))
 """Body fields that take a request off the plain path."""
 EFFORTS = ("low", "medium", "high")
 MAX_TOOLS = 128

@@ -306,17 +306,18 @@ class MoonshotEmulator(Controls):
             org_state.tpm.add(now, cost)
         if limits.tpd is not None:
             org_state.tpd.add(now, cost)
-        cached = 0
-        if prompt.prefixes:
-            cached = org_state.cache.hit(prompt.prefixes)
-            org_state.cache.remember(prompt.prefixes)
-        turn = self._turn(asks, self.answers.pop(api_key), messages, query)
+        cached = org_state.cache.see(prompt.prefixes) if prompt.prefixes else 0
+        answer = self.answers.pop(api_key)
+        turn = self.reply.turns[False] if asks is None and answer is None else \
+            self._turn(asks, answer, messages, query)
         groups = key.groups
         bump_status(groups, 200)
         enter(groups)
         for group in groups:
             group.tokens_charged += cost
-            group.cached_tokens += cached
+        if cached:
+            for group in groups:
+                group.cached_tokens += cached
         if turn.calls:
             searches = sum(call.type == "builtin_function" for call in turn.calls)
             for group in groups:
@@ -336,12 +337,14 @@ class MoonshotEmulator(Controls):
         last = messages[-1]
         asks: Asks | None = None
         if model.thinking != "none" or last.get("role") == "tool" or last.get("partial") is True \
-                or any(name in body for name in AGENT_FIELDS):
+                or not AGENT_FIELDS.isdisjoint(body):
             problem, asks = read_asks(body, model_name, model, messages)
             if asks is None:
                 return self._answer(key, 400, "invalid_request_error", problem)
         tools = asks.tools_json if asks is not None else None
-        seed = hash((model_name, tools)) if self.config.prompt_cache_entries else None
+        seed = None
+        if self.config.prompt_cache_entries:
+            seed = hash(model_name) if tools is None else hash((model_name, tools))
         prompt = scan(messages, tools, seed)
         if prompt.images and not model.vision:
             problem = wire.invalid_request(f"model {model_name} does not support image input")

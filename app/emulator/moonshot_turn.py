@@ -50,7 +50,7 @@ class Call:
 class Turn:
     """An answer as tokens: ``deltas`` (one chunk each), ``message(tokens)``, ``finish_for(tokens)``."""
 
-    __slots__ = ("_content", "_reasoning", "calls", "deltas", "finish")
+    __slots__ = ("_content", "_reasoning", "_whole", "calls", "deltas", "finish")
 
     def __init__(self, reasoning: list[str], content: list[str], calls: list[Call] | tuple[Call, ...] = ()) -> None:
         self._reasoning = reasoning
@@ -66,12 +66,16 @@ class Turn:
             deltas += [orjson.dumps({"tool_calls": [{"index": call.index, "function": {"arguments": piece}}]})
                        for piece in fragments(call.arguments)]
         self.deltas = deltas
+        self._whole = self._message(len(deltas))
 
     def finish_for(self, tokens: int) -> str:
         return "length" if tokens < len(self.deltas) else self.finish
 
     def message(self, tokens: int) -> dict[str, Any]:
-        """The assistant message of the first ``tokens`` tokens."""
+        """The assistant message of the first ``tokens`` tokens (the whole one is built once: do not change it)."""
+        return self._whole if tokens >= len(self.deltas) else self._message(tokens)
+
+    def _message(self, tokens: int) -> dict[str, Any]:
         reasoning = self._reasoning[:tokens]
         left = tokens - len(reasoning)
         content = self._content[:left]
