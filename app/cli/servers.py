@@ -87,19 +87,33 @@ def emulate_moonshot(
     first_token_delay: Annotated[float, typer.Option(min=0, help="Seconds before the first token.")] = 0.0,
     chunk_interval: Annotated[float, typer.Option(min=0, help="Seconds between streamed chunks.")] = 0.0,
     reply_words: Annotated[int, typer.Option(min=1, help="Words in each (deterministic) reply.")] = 12,
+    reasoning_words: Annotated[int, typer.Option(
+        min=1, help="Words of reasoning_content a thinking request gets first (low effort: half, high: twice).")]
+    = 8,
     usage_position: Annotated[str, typer.Option(help="Where streams carry usage: choice, top or both.")]
     = "choice",
+    model: Annotated[list[str] | None, typer.Option(
+        metavar="SPEC", help="Serve only these models (repeat): a known id, or ID:CONTEXT:THINKING[:vision]"
+                             "[:forced-tools] with THINKING always, default_on or none.")] = None,
+    prompt_cache: Annotated[int, typer.Option(
+        min=0, help="Message prefixes each organization remembers to report cached_tokens; 0: no cache.")] = 4096,
+    web_search_tokens: Annotated[int, typer.Option(
+        min=0, help="Tokens a $web_search result costs (charged as prompt when echoed back).")] = 1000,
     accounts_out: AccountsOut = None,
 ) -> None:
-    """The official Moonshot API (OpenAI-compatible): organizations, limits, error bodies, SSE."""
+    """The official Moonshot API (OpenAI-compatible): organizations, limits, error bodies, SSE; thinking,
+    tool calls, JSON answers, $web_search, cached tokens, prefix mode, and Kimi's rules for them."""
     from app.emulator.moonshot import MoonshotEmulatorConfig, create_moonshot_emulator
+    from app.emulator.moonshot_config import default_models, parse_model_spec
     from app.serve import serve_emulator
 
     try:
+        models = dict(parse_model_spec(spec) for spec in model) if model else default_models()
         config = MoonshotEmulatorConfig.simple(
             keys, concurrency=concurrency, rpm=rpm, tpm=tpm, tpd=tpd, balance=balance,
             first_token_delay=first_token_delay, chunk_interval=chunk_interval, reply_words=reply_words,
-            usage_position=usage_position)
+            reasoning_words=reasoning_words, usage_position=usage_position, models=models,
+            prompt_cache_entries=prompt_cache, web_search_tokens=web_search_tokens)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     base = f"http://{host}:{port}/v1"

@@ -3,7 +3,7 @@ and the ``/__fake/*`` HTTP routes.
 
 * ``ScriptBook`` queues outcomes per credential (``None``: any credential), FIFO, one consumed per
   request; each emulator declares its outcome kinds and their parameters, and bad scripts are
-  refused when queued, not when played.
+  refused when queued, not when played. (``KeyedQueues`` is its queueing, for other scripted things.)
 * ``Notifier`` lets ``wait_for`` sleep until the emulator's state changes: no polling.
 * ``Gate`` holds streams until released.
 * ``control_routes`` serves script / release / state / reset / config for any ``Controllable``.
@@ -15,12 +15,14 @@ import asyncio
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, Self
+from typing import Any, Generic, Protocol, Self, TypeVar
 
 import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+
+T = TypeVar("T")
 
 ANY_KEY = "*"
 """How the any-credential queue is named in snapshots and accepted in HTTP scripts."""
@@ -83,31 +85,28 @@ def parse_outcome(raw: Mapping[str, Any], kinds: OutcomeKinds) -> Outcome:
     return Outcome(kind, params)
 
 
-class ScriptBook:
-    """Queued outcomes per credential, FIFO; a credential's own queue goes before the shared one."""
+class KeyedQueues(Generic[T]):
+    """Items queued per credential, FIFO; a credential's own queue goes before the shared one (``None``)."""
 
-    def __init__(self, kinds: OutcomeKinds) -> None:
-        self.kinds = kinds
-        self._queues: dict[str | None, deque[Outcome]] = {}
+    def __init__(self) -> None:
+        self._queues: dict[str | None, deque[T]] = {}
 
-    def add(self, key: str | None, outcomes: Iterable[Mapping[str, Any]]) -> int:
-        """Queue ``outcomes`` for ``key``; all are checked before any is queued. Returns the count."""
-        parsed = [parse_outcome(raw, self.kinds) for raw in outcomes]
-        if parsed:
-            self._queues.setdefault(key, deque()).extend(parsed)
-        return len(parsed)
+    def extend(self, key: str | None, items: list[T]) -> int:
+        if items:
+            self._queues.setdefault(key, deque()).extend(items)
+        return len(items)
 
-    def pop(self, key: str | None) -> Outcome | None:
+    def pop(self, key: str | None) -> T | None:
         queues = self._queues
         if not queues:
             return None
         for owner in (key, None):
             queue = queues.get(owner)
             if queue:
-                outcome = queue.popleft()
+                item = queue.popleft()
                 if not queue:
                     del queues[owner]
-                return outcome
+                return item
         return None
 
     def pending(self) -> dict[str, int]:
@@ -115,6 +114,18 @@ class ScriptBook:
 
     def clear(self) -> None:
         self._queues.clear()
+
+
+class ScriptBook(KeyedQueues[Outcome]):
+    """Queued outcomes per credential, checked against the emulator's outcome kinds when queued."""
+
+    def __init__(self, kinds: OutcomeKinds) -> None:
+        super().__init__()
+        self.kinds = kinds
+
+    def add(self, key: str | None, outcomes: Iterable[Mapping[str, Any]]) -> int:
+        """Queue ``outcomes`` for ``key``; all are checked before any is queued. Returns the count."""
+        return self.extend(key, [parse_outcome(raw, self.kinds) for raw in outcomes])
 
 
 class Notifier:

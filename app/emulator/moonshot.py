@@ -4,12 +4,16 @@
 
 * ``POST /v1/chat/completions``: JSON or SSE, the documented check order and error bodies,
   per-organization concurrency / RPM / TPM / TPD, the global overload knob;
-* ``GET /v1/models``, ``GET /v1/users/me/balance``, ``POST /v1/tokenizers/estimate-token-count``;
-* the control routes ``/__fake/script|release|state|reset|config``.
+  thinking (``reasoning_content``), tool calls, JSON answers, ``$web_search``, prefix mode and
+  cached tokens on a repeated prefix, with Kimi's rules for them (``moonshot_asks``, ``moonshot_reply``);
+* ``GET /v1/models`` (with each model's traits), ``GET /v1/users/me/balance``,
+  ``POST /v1/tokenizers/estimate-token-count``;
+* the control routes ``/__fake/script|answers|release|state|reset|config``.
 
 ``app.state.emulator`` is the ``MoonshotEmulator`` behind it, for in-process scripting and
-assertions (``script``, ``release``, ``wait_for``, ``stats``, ``snapshot``). Time (latency,
-windows) comes from the injected clock, so a ``ManualClock`` makes all of it deterministic.
+assertions (``script``, ``script_answers``, ``release``, ``wait_for``, ``stats``, ``snapshot``,
+``recent_requests``). Time (latency, windows) comes from the injected clock, so a ``ManualClock``
+makes all of it deterministic.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ from app.emulator.asgi import (
     send_whole,
     until_disconnect,
 )
-from app.emulator.control import control_routes
+from app.emulator.control import ANY_KEY, control_routes
 from app.emulator.moonshot_config import ModelInfo, MoonshotEmulatorConfig, Org, OrgLimits, default_models
-from app.emulator.moonshot_state import OUTCOME_KINDS, Answer, MoonshotEmulator, MoonshotStats, Ticket
+from app.emulator.moonshot_prompt import scan
+from app.emulator.moonshot_records import Answer, MoonshotStats, Ticket
+from app.emulator.moonshot_state import OUTCOME_KINDS, MoonshotEmulator
 
 __all__ = [
     "OUTCOME_KINDS",
@@ -53,9 +59,9 @@ _HELD_KINDS = ("drop_after", "error_chunk_after", "hold_after")
 
 def _budget(emulator: MoonshotEmulator, ticket: Ticket) -> tuple[list[bytes], int, str, float, str]:
     """(token deltas, tokens to produce, finish reason, first-token delay, outcome kind)."""
-    deltas = emulator.reply.deltas[ticket.thinking]
+    deltas = ticket.turn.deltas
     tokens = len(deltas) if ticket.max_tokens is None else min(len(deltas), ticket.max_tokens)
-    finish = "length" if tokens < len(deltas) else "stop"
+    finish = ticket.turn.finish_for(tokens)
     outcome = ticket.outcome
     kind = outcome.kind if outcome is not None else "ok"
     delay = outcome["seconds"] if outcome is not None and kind == "delay_first_token" \
@@ -67,9 +73,8 @@ async def _complete(emulator: MoonshotEmulator, ticket: Ticket, scope: Scope, re
                     send: Send) -> None:
     """A whole ``chat.completion`` body, after the reply's full latency."""
     _, tokens, finish, delay, kind = _budget(emulator, ticket)
-    reasoning, content = emulator.reply.texts(ticket.thinking, tokens)
-    use = wire.usage(ticket.prompt_tokens, tokens)
-    body = wire.completion_body(ticket.who, reasoning, content, finish, use)
+    use = wire.usage(ticket.prompt_tokens, tokens, ticket.cached_tokens)
+    body = wire.completion_body(ticket.who, ticket.turn.message(tokens), finish, use)
     headers = [*wire.JSON_HEADERS, *ticket.headers, (b"content-length", b"%d" % len(body))]
     latency = delay + emulator.config.chunk_interval * tokens
     result = "disconnect"
@@ -101,7 +106,7 @@ async def _complete(emulator: MoonshotEmulator, ticket: Ticket, scope: Scope, re
 
 async def _stream(emulator: MoonshotEmulator, ticket: Ticket, scope: Scope, receive: Receive,
                   send: Send) -> None:
-    """SSE: role chunk, (reasoning and) content chunks, final chunk with usage, ``[DONE]``."""
+    """SSE: role chunk, (reasoning,) content and tool-call chunks, final chunk with usage, ``[DONE]``."""
     deltas, tokens, finish, delay, kind = _budget(emulator, ticket)
     stop = min(ticket.outcome["chunks"], tokens) if ticket.outcome is not None and kind in _HELD_KINDS \
         else tokens
@@ -155,7 +160,7 @@ async def _stream(emulator: MoonshotEmulator, ticket: Ticket, scope: Scope, rece
         if kind == "hold_after":
             await emulator.gate.hold()
             await emit(tokens)
-        use = wire.usage(ticket.prompt_tokens, sent)
+        use = wire.usage(ticket.prompt_tokens, sent, ticket.cached_tokens)
         ending = with_role(frames.ending(finish, use, config.usage_position, ticket.include_usage))
         await send({"type": "http.response.body", "body": ending})
         result = "completed"
@@ -206,11 +211,28 @@ def _moonshot_routes(emulator: MoonshotEmulator) -> list[Route]:
         answer = _estimate(emulator, bearer_token(scope), raw) or unauthorized()
         await send_whole(send, answer.status, answer.headers, answer.body)
 
+    async def answers(request: Request) -> Response:
+        """``POST /__fake/answers {"key": "sk-…" | "*", "answers": [...]}``: queue scripted answers."""
+        try:
+            raw = await request.body()
+            body = orjson.loads(raw) if raw.strip() else {}
+            if not isinstance(body, dict):
+                raise ValueError("the body must be a JSON object")
+            key = body.get("key")
+            if key is not None and not isinstance(key, str):
+                raise ValueError('key must be an API key or "*" (any key)')
+            queued = emulator.script_answers(None if key in (None, ANY_KEY) else key, body.get("answers"))
+        except ValueError as exc:  # orjson.JSONDecodeError is a ValueError
+            return Response(wire.error_body("invalid_request_error", str(exc)), status_code=400,
+                            media_type="application/json")
+        return Response(orjson.dumps({"queued": queued}), media_type="application/json")
+
     return [
         Route("/v1/chat/completions", Endpoint(chat), methods=["POST"]),
         Route("/v1/models", Endpoint(models), methods=["GET"]),
         Route("/v1/users/me/balance", Endpoint(balance), methods=["GET"]),
         Route("/v1/tokenizers/estimate-token-count", Endpoint(estimate), methods=["POST"]),
+        Route("/__fake/answers", answers, methods=["POST"]),
     ]
 
 
@@ -228,7 +250,8 @@ def _estimate(emulator: MoonshotEmulator, api_key: str | None, raw: bytes) -> An
         return Answer(400, wire.error_body("invalid_request_error", message))
     if body["model"] not in emulator.config.models:
         return Answer(404, wire.error_body("resource_not_found_error", wire.model_not_found(body["model"])))
-    total = wire.estimate_tokens(body["messages"])
+    tools = body.get("tools")
+    total = scan(body["messages"], orjson.dumps(tools) if isinstance(tools, list) and tools else None).tokens
     body = {"code": 0, "data": {"total_tokens": total}, "scode": "0x0", "status": True}
     return Answer(200, orjson.dumps(body))
 

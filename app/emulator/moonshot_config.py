@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 UsagePosition = Literal["choice", "top", "both"]
 USAGE_POSITIONS = ("choice", "top", "both")
@@ -36,24 +36,67 @@ class Org:
     suspended: bool = False
 
 
+Thinking = Literal["always", "default_on", "none"]
+THINKING_MODES = ("always", "default_on", "none")
+
+
 @dataclass(frozen=True)
 class ModelInfo:
+    """A model's traits: what it accepts and how it answers (PROTOCOLS.md 4.2)."""
+
     context_length: int
-    thinking: bool = False
-    """Thinking models stream ``reasoning_content`` before the answer."""
+    thinking: Thinking = "none"
+    """``always``: it always thinks (``kimi-k2-thinking``); ``default_on``: it thinks unless the request
+    disables it (the K2.5+ models); ``none``: it never does (moonshot-v1-*, the k2 ``-preview`` ids).
+    Thinking models stream ``reasoning_content`` before the answer."""
+    vision: bool = False
+    """It accepts ``image_url`` parts."""
+    forced_tools_with_thinking: bool = False
+    """A forced ``tool_choice`` works with thinking on (only ``kimi-k3``); elsewhere it is a 400."""
+
+    def __post_init__(self) -> None:
+        if self.thinking not in THINKING_MODES:
+            raise ValueError(f"thinking must be one of {', '.join(THINKING_MODES)}, not {self.thinking!r}")
 
 
 def default_models() -> dict[str, ModelInfo]:
     k2 = 262_144
     return {
-        "kimi-k2.5": ModelInfo(k2),
+        "kimi-k2.5": ModelInfo(k2, "default_on", vision=True),
+        "kimi-k2.6": ModelInfo(k2, "default_on", vision=True),
+        "kimi-k2.7-code": ModelInfo(k2, "default_on"),
+        "kimi-k3": ModelInfo(524_288, "default_on", vision=True, forced_tools_with_thinking=True),
         "kimi-k2-0905-preview": ModelInfo(k2),
         "kimi-k2-turbo-preview": ModelInfo(k2),
-        "kimi-k2-thinking": ModelInfo(k2, thinking=True),
+        "kimi-k2-thinking": ModelInfo(k2, "always"),
+        "kimi-k2-thinking-turbo": ModelInfo(k2, "always"),
         "moonshot-v1-8k": ModelInfo(8_192),
         "moonshot-v1-32k": ModelInfo(32_768),
         "moonshot-v1-128k": ModelInfo(131_072),
     }
+
+
+MODEL_SPEC = "ID or ID:CONTEXT:THINKING[:vision][:forced-tools]"
+
+
+def parse_model_spec(spec: str) -> tuple[str, ModelInfo]:
+    """``kimi-k2.5`` (a default model, its traits) or ``kimi-k4:1048576:default_on:vision`` (``ValueError``)."""
+    name, *traits = spec.split(":")
+    if not name:
+        raise ValueError(f"bad model {spec!r}: give {MODEL_SPEC}")
+    if not traits:
+        known = default_models()
+        if name not in known:
+            raise ValueError(f"unknown model {name!r}: give its traits as {MODEL_SPEC}")
+        return name, known[name]
+    if len(traits) < 2 or not traits[0].isdigit() or int(traits[0]) < 1 \
+            or set(traits[2:]) - {"vision", "forced-tools"}:
+        raise ValueError(f"bad model {spec!r}: give {MODEL_SPEC} (THINKING: {', '.join(THINKING_MODES)})")
+    thinking = traits[1]
+    if thinking not in THINKING_MODES:
+        raise ValueError(f"bad model {spec!r}: thinking is one of {', '.join(THINKING_MODES)}")
+    return name, ModelInfo(int(traits[0]), cast(Thinking, thinking), vision="vision" in traits[2:],
+                           forced_tools_with_thinking="forced-tools" in traits[2:])
 
 
 RUNTIME_KNOBS = (
@@ -88,6 +131,12 @@ class MoonshotEmulatorConfig:
     """The completion budget charged to TPM when a request names no ``max_tokens``."""
     overloaded: bool = False
     """The global overload knob: every admissible chat request gets ``engine_overloaded_error``."""
+    prompt_cache_entries: int = 4096
+    """Message-prefix hashes each organization remembers (LRU) to report ``cached_tokens``; 0: no cache."""
+    recorded_requests: int = 8
+    """Request bodies kept per key (newest last) for tests to read in ``snapshot()``; 0: none."""
+    web_search_tokens: int = 1000
+    """Tokens a ``$web_search`` result costs: reported in its arguments, charged as prompt on the echo."""
 
     def __post_init__(self) -> None:
         for name, org in self.orgs.items():
@@ -98,6 +147,10 @@ class MoonshotEmulatorConfig:
                 raise ValueError(f"key {key[:10]}… belongs to unknown organization {org_name!r}")
         if self.tpd_window not in TPD_WINDOWS:
             raise ValueError(f"tpd_window must be one of {', '.join(TPD_WINDOWS)}")
+        for name in ("prompt_cache_entries", "recorded_requests", "web_search_tokens"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise ValueError(f"{name} must be a non-negative integer")
         check_knobs({name: getattr(self, name) for name in RUNTIME_KNOBS})
 
     @classmethod

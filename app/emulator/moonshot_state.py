@@ -3,33 +3,49 @@
 ``MoonshotEmulator.begin`` runs a chat request through the documented check order (PROTOCOLS.md
 4.8) and returns either an immediate ``Answer`` or a ``Ticket`` (the request was admitted and
 charged); ``finish`` closes a ticket, however its answer ended. Tests drive the same object through
-``script``, ``release``, ``wait_for``, ``snapshot``, ``reset`` and ``configure``.
+``script``, ``script_answers``, ``release``, ``wait_for``, ``snapshot``, ``reset`` and ``configure``.
+
+The order: key (401), body (400), model (404), what the request asks beyond text — thinking, tools,
+formats, image parts — against the model's traits (400, ``moonshot_asks``), balance (429), limits
+(429), overload (429), context length (400). Only then is the request admitted, and only an
+admitted request consumes a scripted answer and enters the prompt cache.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import math
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
 from app.clock import Clock
 from app.emulator import moonshot_wire as wire
-from app.emulator.control import Controls, Outcome, OutcomeKinds, Param
+from app.emulator.control import Controls, KeyedQueues, Outcome, OutcomeKinds, Param
+from app.emulator.moonshot_answers import ScriptedAnswer, parse_answer
+from app.emulator.moonshot_asks import AGENT_FIELDS, Asks, read_asks
 from app.emulator.moonshot_config import (
     RUNTIME_KNOBS,
+    ModelInfo,
     MoonshotEmulatorConfig,
     Org,
     check_knobs,
     check_org_changes,
 )
-from app.emulator.stats import Counters, bump_status, enter, leave
-from app.emulator.windows import DayWindow, SlidingWindow
+from app.emulator.moonshot_prompt import Prompt, scan
+from app.emulator.moonshot_records import (
+    Answer,
+    KeyState,
+    MoonshotCounters,
+    MoonshotStats,
+    OrgState,
+    Ticket,
+)
+from app.emulator.moonshot_reply import Composer, WebSearches
+from app.emulator.moonshot_turn import Reply, Turn
+from app.emulator.stats import bump_status, enter, leave
 
 BUCKETS = ("concurrency", "rpm", "tpm", "tpd")
 
@@ -52,59 +68,6 @@ OUTCOME_KINDS: OutcomeKinds = {
 """Scriptable outcomes and their parameters (with defaults)."""
 
 
-@dataclass(slots=True)
-class Answer:
-    """An immediate answer: an error, or a utility route's body."""
-
-    status: int
-    body: bytes
-    headers: wire.Headers = wire.JSON_HEADERS
-
-
-@dataclass(slots=True)
-class MoonshotStats:
-    keys: dict[str, Counters]
-    orgs: dict[str, Counters]
-    totals: Counters
-
-
-class _OrgState:
-    __slots__ = ("counters", "org", "rpm", "tpd", "tpm")
-
-    def __init__(self, org: Org, counters: Counters, tpd_window: str) -> None:
-        self.org = org
-        self.counters = counters
-        self.rpm = SlidingWindow(60.0)
-        self.tpm = SlidingWindow(60.0)
-        self.tpd: SlidingWindow | DayWindow = (
-            SlidingWindow(86_400.0) if tpd_window == "rolling" else DayWindow())
-
-
-class _KeyState:
-    __slots__ = ("groups", "org", "who")
-
-    def __init__(self, key: str, org: _OrgState, counters: Counters, totals: Counters) -> None:
-        self.org = org
-        self.who = f"{org.org.name}<ak-{hashlib.sha256(key.encode()).hexdigest()[:20]}>"
-        self.groups = (counters, org.counters, totals)
-
-
-@dataclass(slots=True)
-class Ticket:
-    """An admitted chat request: charged to its organization's windows and counted in flight."""
-
-    key: _KeyState
-    who: wire.Identity
-    thinking: bool
-    prompt_tokens: int
-    max_tokens: int | None
-    stream: bool
-    include_usage: bool
-    outcome: Outcome | None
-    headers: wire.Headers
-    """Extra response headers (``X-RateLimit-*`` when that knob is on)."""
-
-
 class MoonshotEmulator(Controls):
     """The emulator's whole state (``app.state.emulator``).
 
@@ -118,13 +81,18 @@ class MoonshotEmulator(Controls):
         self.config = copy.deepcopy(config)
         self.clock = clock
         self._initial = {name: (org.balance, org.suspended) for name, org in self.config.orgs.items()}
-        self.stats = MoonshotStats({k: Counters() for k in self.config.keys},
-                                   {o: Counters() for o in self.config.orgs}, Counters())
-        self._orgs = {name: _OrgState(org, self.stats.orgs[name], self.config.tpd_window)
-                      for name, org in self.config.orgs.items()}
-        self._keys = {key: _KeyState(key, self._orgs[org], self.stats.keys[key], self.stats.totals)
-                      for key, org in self.config.keys.items()}
-        self.reply = wire.Reply(self.config.reply_words, self.config.reasoning_words)
+        config = self.config
+        self.stats = MoonshotStats({k: MoonshotCounters() for k in config.keys},
+                                   {o: MoonshotCounters() for o in config.orgs}, MoonshotCounters())
+        self._orgs = {name: OrgState(org, self.stats.orgs[name], config.tpd_window, config.prompt_cache_entries)
+                      for name, org in config.orgs.items()}
+        self._keys = {key: KeyState(key, self._orgs[org], self.stats.keys[key], self.stats.totals,
+                                    config.recorded_requests)
+                      for key, org in config.keys.items()}
+        self.answers: KeyedQueues[ScriptedAnswer] = KeyedQueues()
+        self.searches = WebSearches()
+        self.reply = Reply(config.reply_words, config.reasoning_words)
+        self.composer = Composer(self.reply, self.searches, config.web_search_tokens)
         self._machine = os.urandom(5).hex()
         self._sequence = 0
         self.fingerprint = "fpv0_" + os.urandom(4).hex()
@@ -143,27 +111,48 @@ class MoonshotEmulator(Controls):
                            (("rpm", state.rpm), ("tpm", state.tpm), ("tpd", state.tpd))},
             }
         return {
-            "keys": {key: {**self.stats.keys[key].to_dict(), "org": state.org.org.name}
+            "keys": {key: {**self.stats.keys[key].to_dict(), "org": state.org.org.name,
+                           "recent_requests": list(state.recent)}
                      for key, state in self._keys.items()},
             "orgs": orgs,
             "totals": self.stats.totals.to_dict(),
             "held": self.gate.held,
             "scripts": self.scripts.pending(),
+            "answers": self.answers.pending(),
             "config": self.knobs(),
         }
 
     def knobs(self) -> dict[str, Any]:
         return {name: getattr(self.config, name) for name in RUNTIME_KNOBS}
 
+    def script_answers(self, key: str | None, answers: Any) -> int:
+        """Queue scripted answers (``moonshot_answers``) for ``key`` (None: any key), played one per
+        admitted request, FIFO; all are checked (``ValueError``) before any is queued."""
+        if not isinstance(answers, list):
+            raise ValueError("answers must be a list")
+        queued = self.answers.extend(key, [parse_answer(raw) for raw in answers])
+        self._notify()
+        return queued
+
+    def recent_requests(self, key: str) -> list[dict[str, Any]]:
+        """The last request bodies sent with ``key`` (``recorded_requests`` of them), newest last."""
+        return list(self._keys[key].recent)
+
     def reset(self) -> None:
-        """Zero counters, empty windows and scripts, restore balances; held streams stay held."""
+        """Zero counters; empty windows, caches, records and scripts; restore balances. Held streams
+        stay held."""
         self.scripts.clear()
+        self.answers.clear()
+        self.searches.clear()
+        for key_state in self._keys.values():
+            key_state.recent.clear()
         for counters in (*self.stats.keys.values(), *self.stats.orgs.values(), self.stats.totals):
             counters.reset()
         for name, state in self._orgs.items():
             state.org.balance, state.org.suspended = self._initial[name]
             for window in (state.rpm, state.tpm, state.tpd):
                 window.clear()
+            state.cache.clear()
         self._notify()
 
     def configure(self, changes: Mapping[str, Any]) -> dict[str, Any]:
@@ -181,7 +170,7 @@ class MoonshotEmulator(Controls):
             for bucket, limit in change.get("limits", {}).items():
                 setattr(org.limits, bucket, limit)
         if "reply_words" in knobs or "reasoning_words" in knobs:
-            self.reply = wire.Reply(self.config.reply_words, self.config.reasoning_words)
+            self.reply = self.composer.reply = Reply(self.config.reply_words, self.config.reasoning_words)
         self._notify()
         return self.knobs()
 
@@ -192,21 +181,24 @@ class MoonshotEmulator(Controls):
         return state.org.org if state is not None else None
 
     def models_body(self) -> bytes:
+        """The model list with each model's traits: Kimi's capability flags, and the emulator's own
+        ``thinking`` mode and ``forced_tool_choice_with_thinking``."""
         return orjson.dumps({"object": "list", "data": [
             {"id": name, "object": "model", "created": 1_735_689_600, "owned_by": "moonshot",
              "root": name, "parent": None, "context_length": info.context_length,
-             "supports_reasoning": info.thinking}
+             "supports_reasoning": info.thinking != "none", "supports_image_in": info.vision,
+             "thinking": info.thinking, "forced_tool_choice_with_thinking": info.forced_tools_with_thinking}
             for name, info in self.config.models.items()]})
 
     # --- chat ------------------------------------------------------------------------------------
 
-    def _answer(self, key: _KeyState | None, status: int, type_: str, message: str,
+    def _answer(self, key: KeyState | None, status: int, type_: str, message: str,
                 reason: str | None = None, headers: wire.Headers = ()) -> Answer:
         bump_status(key.groups if key is not None else (self.stats.totals,), status, reason)
         self._notify()
         return Answer(status, wire.error_body(type_, message), wire.JSON_HEADERS + headers)
 
-    def _rate_limited(self, key: _KeyState | None, bucket: str, wait: float, limit: int | None,
+    def _rate_limited(self, key: KeyState | None, bucket: str, wait: float, limit: int | None,
                       used: int | None, cost: int) -> Answer:
         """A 429 for ``bucket``; ``used=None`` (scripted) reads as "the window is full"."""
         limit = wire.RATE_LIMIT_DEFAULTS[bucket] if limit is None else limit
@@ -222,7 +214,7 @@ class MoonshotEmulator(Controls):
         message = wire.rate_limit_message(who, bucket, limit, current, seconds)
         return self._answer(key, 429, "rate_limit_reached_error", message, bucket, headers)
 
-    def _scripted(self, key: _KeyState | None, outcome: Outcome) -> Answer | None:
+    def _scripted(self, key: KeyState | None, outcome: Outcome) -> Answer | None:
         """The answer a scripted refusal gives, or None for outcomes that shape an admitted reply."""
         kind = outcome.kind
         if kind == "rate_limit":
@@ -262,6 +254,9 @@ class MoonshotEmulator(Controls):
         except orjson.JSONDecodeError:
             problem = wire.invalid_request("the body is not valid JSON")
             return self._answer(key, 400, "invalid_request_error", problem)
+        recent = key.recent
+        if recent.maxlen and isinstance(body, dict):
+            recent.append(body)
         problem, parsed = _parse_chat(body)
         if problem:
             return self._answer(key, 400, "invalid_request_error", wire.invalid_request(problem))
@@ -269,14 +264,18 @@ class MoonshotEmulator(Controls):
         model = self.config.models.get(model_name)
         if model is None:
             return self._answer(key, 404, "resource_not_found_error", wire.model_not_found(model_name))
+        shaped = self._shape(key, body, model_name, model, messages)
+        if isinstance(shaped, Answer):
+            return shaped
+        asks, prompt, query = shaped
         org_state = key.org
         org = org_state.org
         if org.suspended:
             return self._answer(key, 429, "exceeded_current_quota_error", wire.EXCEEDED_QUOTA, "quota")
         if org.balance <= 0:
             return self._answer(key, 429, "exceeded_current_quota_error", wire.INSUFFICIENT_BALANCE, "quota")
-        prompt = wire.estimate_tokens(messages)
-        cost = prompt + (max_tokens if max_tokens is not None else self.config.default_max_tokens)
+        prompt_tokens = prompt.tokens if query is None else prompt.tokens + self.config.web_search_tokens
+        cost = prompt_tokens + (max_tokens if max_tokens is not None else self.config.default_max_tokens)
         now = self.clock.time()
         limits = org.limits
         counters = org_state.counters
@@ -290,7 +289,7 @@ class MoonshotEmulator(Controls):
             return self._rate_limited(key, "tpd", wait, limits.tpd, org_state.tpd.used(now), cost)
         if self.config.overloaded:
             return self._answer(key, 429, "engine_overloaded_error", wire.OVERLOADED, "overloaded")
-        if prompt + (max_tokens or 0) > model.context_length:
+        if prompt_tokens + (max_tokens or 0) > model.context_length:
             problem = wire.context_exceeded(model.context_length)
             return self._answer(key, 400, "invalid_request_error", problem)
         if outcome is not None and outcome.kind == "error_chunk_after" and not stream:
@@ -307,17 +306,61 @@ class MoonshotEmulator(Controls):
             org_state.tpm.add(now, cost)
         if limits.tpd is not None:
             org_state.tpd.add(now, cost)
+        cached = org_state.cache.see(prompt.prefixes) if prompt.prefixes else 0
+        answer = self.answers.pop(api_key)
+        turn = self.reply.turns[False] if asks is None and answer is None else \
+            self._turn(asks, answer, messages, query)
         groups = key.groups
         bump_status(groups, 200)
         enter(groups)
         for group in groups:
             group.tokens_charged += cost
+        if cached:
+            for group in groups:
+                group.cached_tokens += cached
+        if turn.calls:
+            searches = sum(call.type == "builtin_function" for call in turn.calls)
+            for group in groups:
+                group.tool_calls += len(turn.calls)
+                group.web_searches += searches
         self._notify()
         created = int(now)
         self._sequence = (self._sequence + 1) & 0xFFFFFF
         who = wire.Identity(f"chatcmpl-{created:08x}{self._machine}{self._sequence:06x}", created,
                             model_name, self.fingerprint)
-        return Ticket(key, who, model.thinking, prompt, max_tokens, stream, include_usage, outcome, headers)
+        return Ticket(key, who, turn, prompt_tokens, cached, max_tokens, stream, include_usage, outcome, headers)
+
+    def _shape(self, key: KeyState, body: dict[str, Any], model_name: str, model: ModelInfo,
+               messages: list[Any]) -> Answer | tuple[Asks | None, Prompt, str | None]:
+        """What the request asks beyond plain text, checked (400s), its prompt, and the ``$web_search``
+        query its tool result echoes. A plain text request to a model that never thinks skips the checks."""
+        last = messages[-1]
+        asks: Asks | None = None
+        if model.thinking != "none" or last.get("role") == "tool" or last.get("partial") is True \
+                or not AGENT_FIELDS.isdisjoint(body):
+            problem, asks = read_asks(body, model_name, model, messages)
+            if asks is None:
+                return self._answer(key, 400, "invalid_request_error", problem)
+        tools = asks.tools_json if asks is not None else None
+        seed = None
+        if self.config.prompt_cache_entries:
+            seed = hash(model_name) if tools is None else hash((model_name, tools))
+        prompt = scan(messages, tools, seed)
+        if prompt.images and not model.vision:
+            problem = wire.invalid_request(f"model {model_name} does not support image input")
+            return self._answer(key, 400, "invalid_request_error", problem)
+        query = self.searches.query(asks.search_id) if asks is not None else None
+        return asks, prompt, query
+
+    def _turn(self, asks: Asks | None, answer: ScriptedAnswer | None, messages: list[Any],
+              query: str | None) -> Turn:
+        if asks is None:
+            if answer is None or not answer.says:
+                return self.reply.turns[False]
+            asks = Asks(False)
+        elif asks.plain and query is None and (answer is None or (not answer.says and answer.reasoning is None)):
+            return self.reply.turns[asks.thinking]
+        return self.composer.compose(asks, answer, messages, query)
 
     def finish(self, ticket: Ticket, completion_tokens: int, result: str) -> None:
         """Close an admitted request: ``completed``, ``disconnect``, ``dropped`` or ``error``."""

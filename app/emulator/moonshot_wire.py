@@ -1,14 +1,12 @@
-"""What the Moonshot emulator writes on the wire: error bodies and texts, the deterministic reply,
-``chat.completion`` bodies and SSE chunk frames (PROTOCOLS.md 4.3, 4.6).
+"""What the Moonshot emulator writes on the wire: error bodies and texts, usage, ``chat.completion``
+bodies and SSE chunk frames (PROTOCOLS.md 4.3, 4.6).
 
-Per-token chunks are assembled from precomputed bytes (``Reply`` once per configuration,
-``Frames`` once per request): a chunk costs two concatenations, not a JSON encoding.
+Per-token chunks are assembled from precomputed bytes (a ``Turn``'s deltas, ``Frames`` once per
+request): a chunk costs two concatenations, not a JSON encoding.
 """
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
@@ -69,61 +67,28 @@ def context_exceeded(context_length: int) -> str:
     return f"Your request exceeded model token limit : {context_length}"
 
 
-# --- tokens --------------------------------------------------------------------------------------
+# Thinking and tools (PROTOCOLS.md 4.2). These three are Kimi's words as public issue threads quote
+# them (continuedev/continue#11527, 9router#1480 …); the other rules' texts are the emulator's own,
+# "Invalid request: …" like the documented ones, since Kimi's wording for them is not known.
+REQUIRED_WITH_THINKING = "tool_choice 'required' is incompatible with thinking enabled"
+NAMED_WITH_THINKING = "tool_choice specified is incompatible with thinking enabled"
 
 
-def _content_chars(content: Any) -> int:
-    if isinstance(content, str):
-        return len(content)
-    if isinstance(content, list):
-        total = 0
-        for part in content:
-            if isinstance(part, Mapping) and isinstance(part.get("text"), str):
-                total += len(part["text"])
-        return total
-    return 0
+def reasoning_missing(index: int) -> str:
+    return f"thinking is enabled but reasoning_content is missing in assistant tool call message at index {index}"
 
 
-def estimate_tokens(messages: Iterable[Any]) -> int:
-    """A deterministic estimate: ceil(characters / 4) over the messages' text contents."""
-    chars = 0
-    for message in messages:
-        if isinstance(message, Mapping):
-            chars += _content_chars(message.get("content"))
-    return math.ceil(chars / 4)
+# --- bodies ----------------------------------------------------------------------------------------
 
 
-# --- the reply -------------------------------------------------------------------------------------
-
-_ANSWER = ("Hello", "from", "the", "Moonshot", "emulator,", "a", "deterministic", "reply", "for", "testing",
-           "the", "gateway.")
-_THOUGHT = ("Let", "me", "think", "about", "this", "request", "step", "by", "step", "before", "answering.")
-
-
-def _pieces(words: tuple[str, ...], count: int) -> list[str]:
-    return [("" if i == 0 else " ") + words[i % len(words)] for i in range(count)]
-
-
-class Reply:
-    """The deterministic reply: one word per chunk and per completion token."""
-
-    def __init__(self, reply_words: int, reasoning_words: int) -> None:
-        self.content = _pieces(_ANSWER, reply_words)
-        self.reasoning = _pieces(_THOUGHT, reasoning_words)
-        content_deltas = [orjson.dumps({"content": piece}) for piece in self.content]
-        reasoning_deltas = [orjson.dumps({"reasoning_content": piece}) for piece in self.reasoning]
-        self.deltas = {False: content_deltas, True: reasoning_deltas + content_deltas}
-        """Per-token delta objects, by ``thinking``."""
-
-    def texts(self, thinking: bool, tokens: int) -> tuple[str, str]:
-        """(reasoning, content) of the first ``tokens`` tokens."""
-        reasoning = self.reasoning[:tokens] if thinking else []
-        content = self.content[: max(0, tokens - len(reasoning))]
-        return "".join(reasoning), "".join(content)
-
-
-def usage(prompt: int, completion: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+def usage(prompt: int, completion: int, cached: int = 0) -> dict[str, Any]:
+    """Kimi's usage object; a prompt-cache hit adds ``cached_tokens`` at the top and in the OpenAI place."""
+    use: dict[str, Any] = {"prompt_tokens": prompt, "completion_tokens": completion,
+                           "total_tokens": prompt + completion}
+    if cached:
+        use["cached_tokens"] = cached
+        use["prompt_tokens_details"] = {"cached_tokens": cached}
+    return use
 
 
 @dataclass(slots=True)
@@ -136,10 +101,7 @@ class Identity:
     fingerprint: str
 
 
-def completion_body(who: Identity, reasoning: str, content: str, finish: str, use: dict[str, int]) -> bytes:
-    message: dict[str, Any] = {"role": "assistant", "content": content}
-    if reasoning:
-        message["reasoning_content"] = reasoning
+def completion_body(who: Identity, message: dict[str, Any], finish: str, use: dict[str, Any]) -> bytes:
     return orjson.dumps({
         "id": who.id,
         "object": "chat.completion",
@@ -171,7 +133,7 @@ class Frames:
     def role(self) -> bytes:
         return self.chunk(b'{"role":"assistant","content":""}')
 
-    def _event(self, choices: list[dict[str, Any]], use: dict[str, int] | None) -> bytes:
+    def _event(self, choices: list[dict[str, Any]], use: dict[str, Any] | None) -> bytes:
         who = self.who
         event: dict[str, Any] = {
             "id": who.id, "object": "chat.completion.chunk", "created": who.created, "model": who.model,
@@ -181,7 +143,7 @@ class Frames:
             event["usage"] = use
         return b"data: " + orjson.dumps(event) + b"\n\n"
 
-    def ending(self, finish: str, use: dict[str, int], position: str, include_usage: bool) -> bytes:
+    def ending(self, finish: str, use: dict[str, Any], position: str, include_usage: bool) -> bytes:
         """The final chunk, the ``include_usage`` chunk if asked for, and ``[DONE]``."""
         choice: dict[str, Any] = {"index": 0, "delta": {}, "finish_reason": finish}
         if position != "top":

@@ -50,7 +50,7 @@ class Counters:
     def reset(self) -> None:
         """Zero the counters; ``in_flight`` is the present, not history, and stays."""
         in_flight = self.in_flight
-        for name, value in Counters().to_dict().items():
+        for name, value in type(self)().to_dict().items():
             setattr(self, name, value)
         self.in_flight = self.peak_in_flight = in_flight
 

@@ -320,6 +320,10 @@ def test_serve_and_emulate_misuse_is_one_line(cli: Cli, args: list[str], message
 @pytest.mark.parametrize(("args", "message"), [
     (["emulate", "kimi-nope"], "No such command 'kimi-nope'"),
     (["emulate", "kimi-ai-chat", "--page-mode", "sideways"], "page_mode"),
+    (["emulate", "moonshot", "--model", "kimi-k9"], "unknown model 'kimi-k9': give its traits as ID or "
+                                                    "ID:CONTEXT:THINKING[:vision][:forced-tools]"),
+    (["emulate", "moonshot", "--model", "kimi-k4:many:none"], "bad model 'kimi-k4:many:none'"),
+    (["emulate", "moonshot", "--model", "kimi-k4:1000:sometimes"], "thinking is one of always, default_on, none"),
 ])
 def test_emulate_misuse_is_one_line(cli: Cli, args: list[str], message: str) -> None:
     status, _, err = cli(*args)

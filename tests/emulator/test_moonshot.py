@@ -27,6 +27,7 @@ from app.emulator.moonshot import (
     OrgLimits,
     create_moonshot_emulator,
 )
+from app.emulator.moonshot_config import parse_model_spec
 from tests.conftest import serve
 
 KEY = "sk-emu-0001"
@@ -187,7 +188,7 @@ async def test_text_parts_count_towards_the_prompt_estimate() -> None:
     async with running() as run:
         messages = [{"role": "user", "content": [{"type": "text", "text": "x" * 10},
                                                   {"type": "image_url", "image_url": {"url": "data:,"}}]}]
-        assert (await run.chat(messages=messages)).json()["usage"]["prompt_tokens"] == 3
+        assert (await run.chat(model="kimi-k2.5", messages=messages)).json()["usage"]["prompt_tokens"] == 3
 
 
 # --- errors, in the documented check order -------------------------------------------------------------
@@ -518,17 +519,24 @@ async def test_a_client_leaving_while_the_stream_sleeps_is_noticed() -> None:
 
 
 async def test_models_are_listed_with_their_context_length() -> None:
-    config = MoonshotEmulatorConfig.simple(1, models={"kimi-k3": ModelInfo(524_288, thinking=True)})
+    config = MoonshotEmulatorConfig.simple(1, models={"kimi-k3": ModelInfo(524_288, "default_on")})
     async with running(config) as run:
         models = [m async for m in run.sdk().models.list()]
         assert [(m.id, m.object, m.owned_by) for m in models] == [("kimi-k3", "model", "moonshot")]
         raw = (await run.http.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})).json()
         assert raw["object"] == "list" and raw["data"][0]["context_length"] == 524_288
         assert (await run.http.get("/v1/models")).status_code == 401
+    specs = ["kimi-k4:1048576:default_on:vision:forced-tools", "moonshot-v1-8k"]  # as `emulate --model` takes them
+    async with running(MoonshotEmulatorConfig.simple(1, models=dict(map(parse_model_spec, specs)))) as run:
+        raw = (await run.http.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})).json()["data"]
+        assert [(m["id"], m["context_length"], m["thinking"], m["supports_image_in"],
+                 m["forced_tool_choice_with_thinking"]) for m in raw] == [
+            ("kimi-k4", 1_048_576, "default_on", True, True), ("moonshot-v1-8k", 8_192, "none", False, False)]
     async with running() as run:
         ids = [m.id async for m in run.sdk().models.list()]
-        assert ids == ["kimi-k2.5", "kimi-k2-0905-preview", "kimi-k2-turbo-preview", "kimi-k2-thinking",
-                       "moonshot-v1-8k", "moonshot-v1-32k", "moonshot-v1-128k"]
+        assert ids == ["kimi-k2.5", "kimi-k2.6", "kimi-k2.7-code", "kimi-k3", "kimi-k2-0905-preview",
+                       "kimi-k2-turbo-preview", "kimi-k2-thinking", "kimi-k2-thinking-turbo", "moonshot-v1-8k",
+                       "moonshot-v1-32k", "moonshot-v1-128k"]
 
 
 async def test_the_balance_is_debited_by_the_tokens_used() -> None:
