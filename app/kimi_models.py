@@ -40,7 +40,7 @@ _K3 = ModelTraits(thinking="always", efforts=True, vision=True, forced_tool_whil
 _K2_DEFAULT_ON = ModelTraits(thinking="default", vision=True)
 _FAMILIES: tuple[tuple[re.Pattern[str], ModelTraits], ...] = (
     (re.compile(r"^kimi-k(?:[3-9]|\d{2,})(?:[.-]|$)"), _K3),
-    (re.compile(r"^kimi-k2\.(?:[7-9]|\d{2,})"), ModelTraits(thinking="always", vision=True)),
+    (re.compile(r"^kimi-k2\.(?:[7-9]|\d{2,})"), ModelTraits(thinking="always")),
     (re.compile(r"^kimi-k2\.[56]"), _K2_DEFAULT_ON),
     (re.compile(r"^kimi-k2-thinking"), ModelTraits(thinking="always")),
     (re.compile(r"^kimi-latest|^moonshot-v1-.*vision"), ModelTraits(vision=True)),

@@ -23,7 +23,6 @@ from app.emulator.moonshot_config import ModelInfo
 
 AGENT_FIELDS = frozenset(("tools", "tool_choice", "thinking", "reasoning_effort", "response_format"))
 """Body fields that take a request off the plain path."""
-EFFORTS = ("low", "medium", "high")
 MAX_TOOLS = 128
 WEB_SEARCH = "$web_search"
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,63}")
@@ -61,7 +60,7 @@ class Asks:
     def plain(self) -> bool:
         """Nothing but (maybe) thinking at the default effort: the precomputed answer fits."""
         return (not self.functions and not self.web_search and self.response == "text" and self.partial is None
-                and not self.after_tool and self.effort in (None, "medium"))
+                and not self.after_tool and self.effort is None)
 
 
 def _thinking(body: Mapping[str, Any], name: str, model: ModelInfo) -> tuple[str, bool, str | None]:
@@ -74,12 +73,13 @@ def _thinking(body: Mapping[str, Any], name: str, model: ModelInfo) -> tuple[str
         if kind not in ("enabled", "disabled"):
             return 'thinking must be {"type": "enabled"} or {"type": "disabled"}', False, None
         on = kind == "enabled"
-    elif effort is not None:
-        if effort not in EFFORTS:
-            return f"reasoning_effort must be one of {', '.join(EFFORTS)}", False, None
+    elif effort is not None and model.efforts:
+        if effort not in model.efforts:
+            return f"reasoning_effort must be one of {', '.join(model.efforts)}", False, None
         on = True
-    else:
+    else:  # a model without effort levels ignores reasoning_effort, as Moonshot does
         on = model.thinking != "none"
+        effort = None
     if on and model.thinking == "none":
         return f"thinking is not supported by model {name}", False, None
     if not on and model.thinking == "always":

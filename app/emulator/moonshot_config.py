@@ -53,6 +53,9 @@ class ModelInfo:
     """It accepts ``image_url`` parts."""
     forced_tools_with_thinking: bool = False
     """A forced ``tool_choice`` works with thinking on (only ``kimi-k3``); elsewhere it is a 400."""
+    efforts: tuple[str, ...] = ()
+    """The ``reasoning_effort`` levels it takes (the K3 family: ``low``, ``high``, ``max``); a model without
+    levels ignores the field, as Moonshot ignores fields it does not know."""
 
     def __post_init__(self) -> None:
         if self.thinking not in THINKING_MODES:
@@ -64,8 +67,9 @@ def default_models() -> dict[str, ModelInfo]:
     return {
         "kimi-k2.5": ModelInfo(k2, "default_on", vision=True),
         "kimi-k2.6": ModelInfo(k2, "default_on", vision=True),
-        "kimi-k2.7-code": ModelInfo(k2, "default_on"),
-        "kimi-k3": ModelInfo(524_288, "default_on", vision=True, forced_tools_with_thinking=True),
+        "kimi-k2.7-code": ModelInfo(k2, "always"),
+        "kimi-k3": ModelInfo(524_288, "always", vision=True, forced_tools_with_thinking=True,
+                             efforts=K3_EFFORTS),
         "kimi-k2-0905-preview": ModelInfo(k2),
         "kimi-k2-turbo-preview": ModelInfo(k2),
         "kimi-k2-thinking": ModelInfo(k2, "always"),
@@ -76,7 +80,8 @@ def default_models() -> dict[str, ModelInfo]:
     }
 
 
-MODEL_SPEC = "ID or ID:CONTEXT:THINKING[:vision][:forced-tools]"
+K3_EFFORTS = ("low", "high", "max")
+MODEL_SPEC = "ID or ID:CONTEXT:THINKING[:vision][:forced-tools][:efforts]"
 
 
 def parse_model_spec(spec: str) -> tuple[str, ModelInfo]:
@@ -90,13 +95,14 @@ def parse_model_spec(spec: str) -> tuple[str, ModelInfo]:
             raise ValueError(f"unknown model {name!r}: give its traits as {MODEL_SPEC}")
         return name, known[name]
     if len(traits) < 2 or not traits[0].isdigit() or int(traits[0]) < 1 \
-            or set(traits[2:]) - {"vision", "forced-tools"}:
+            or set(traits[2:]) - {"vision", "forced-tools", "efforts"}:
         raise ValueError(f"bad model {spec!r}: give {MODEL_SPEC} (THINKING: {', '.join(THINKING_MODES)})")
     thinking = traits[1]
     if thinking not in THINKING_MODES:
         raise ValueError(f"bad model {spec!r}: thinking is one of {', '.join(THINKING_MODES)}")
     return name, ModelInfo(int(traits[0]), cast(Thinking, thinking), vision="vision" in traits[2:],
-                           forced_tools_with_thinking="forced-tools" in traits[2:])
+                           forced_tools_with_thinking="forced-tools" in traits[2:],
+                           efforts=K3_EFFORTS if "efforts" in traits[2:] else ())
 
 
 RUNTIME_KNOBS = (

@@ -187,7 +187,8 @@ class MoonshotEmulator(Controls):
             {"id": name, "object": "model", "created": 1_735_689_600, "owned_by": "moonshot",
              "root": name, "parent": None, "context_length": info.context_length,
              "supports_reasoning": info.thinking != "none", "supports_image_in": info.vision,
-             "thinking": info.thinking, "forced_tool_choice_with_thinking": info.forced_tools_with_thinking}
+             "thinking": info.thinking, "forced_tool_choice_with_thinking": info.forced_tools_with_thinking,
+             "reasoning_efforts": list(info.efforts)}
             for name, info in self.config.models.items()]})
 
     # --- chat ------------------------------------------------------------------------------------

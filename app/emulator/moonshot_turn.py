@@ -107,10 +107,11 @@ class Reply:
         """The plain answer, by ``thinking``."""
 
     def reasoning(self, effort: str | None) -> list[str]:
-        """Thinking pieces: ``low`` effort thinks half as long, ``high`` twice as long."""
+        """Thinking pieces: ``low`` effort thinks half as long, ``high`` as long, ``max`` (the default of the
+        models that take levels) twice as long."""
         count = self.reasoning_words
         if effort == "low":
             count = max(1, count // 2)
-        elif effort == "high":
+        elif effort == "max":
             count *= 2
         return pieces(_THOUGHT, count)

@@ -79,14 +79,22 @@ async def test_models_think_by_their_trait_and_the_request_switches_it() -> None
         assert extra(enabled.choices[0].message, "reasoning_content") == REASONING
 
 
-async def test_reasoning_effort_turns_thinking_on_and_scales_it() -> None:
+async def test_reasoning_effort_sets_the_k3_levels_and_is_ignored_by_models_without_levels() -> None:
     async with running() as run:
         client = run.sdk()
         lengths = {}
-        for effort in ("low", "medium", "high"):
-            reply = await client.chat.completions.create(model=THINKER, messages=HELLO, reasoning_effort=effort)
+        for effort in ("low", "high", "max"):
+            reply = await client.chat.completions.create(model="kimi-k3", messages=HELLO, reasoning_effort=effort)
             lengths[effort] = len(extra(reply.choices[0].message, "reasoning_content").split())
-        assert lengths == {"low": 4, "medium": 8, "high": 16}
+        assert lengths == {"low": 4, "high": 8, "max": 16}
+        with pytest.raises(openai.BadRequestError, match="reasoning_effort must be one of low, high, max"):
+            await client.chat.completions.create(model="kimi-k3", messages=HELLO, reasoning_effort="medium")
+        # K2.x has no levels: Moonshot ignores the field, and the model thinks as it would anyway
+        reply = await client.chat.completions.create(model=THINKER, messages=HELLO, reasoning_effort="low")
+        assert len(extra(reply.choices[0].message, "reasoning_content").split()) == 8
+        reply = await client.chat.completions.create(model="kimi-k2-0905-preview", messages=HELLO,
+                                                     reasoning_effort="high")
+        assert extra(reply.choices[0].message, "reasoning_content") is None
 
 
 async def test_a_thinking_stream_sends_reasoning_before_the_content() -> None:
@@ -108,10 +116,12 @@ async def test_a_thinking_stream_sends_reasoning_before_the_content() -> None:
     (THINKER, {"thinking": {"type": "auto"}},
      'Invalid request: thinking must be {"type": "enabled"} or {"type": "disabled"}'),
     (THINKER, {"thinking": True}, 'Invalid request: thinking must be {"type": "enabled"} or {"type": "disabled"}'),
-    (THINKER, {"reasoning_effort": "max"}, "Invalid request: reasoning_effort must be one of low, medium, high"),
+    ("kimi-k3", {"reasoning_effort": "medium"}, "Invalid request: reasoning_effort must be one of low, high, max"),
+    ("kimi-k3", NO_THINKING, "Invalid request: thinking cannot be disabled for model kimi-k3"),
+    ("kimi-k2.7-code", NO_THINKING, "Invalid request: thinking cannot be disabled for model kimi-k2.7-code"),
     ("moonshot-v1-8k", {"thinking": {"type": "enabled"}},
      "Invalid request: thinking is not supported by model moonshot-v1-8k"),
-    ("kimi-k2-0905-preview", {"reasoning_effort": "low"},
+    ("kimi-k2-0905-preview", {"thinking": {"type": "enabled"}},
      "Invalid request: thinking is not supported by model kimi-k2-0905-preview"),
     ("kimi-k2-thinking", NO_THINKING, "Invalid request: thinking cannot be disabled for model kimi-k2-thinking"),
     (PLAIN, {"messages": [{"role": "user", "content": [
@@ -478,7 +488,7 @@ async def test_models_carry_their_traits() -> None:
         raw = (await run.http.get("/v1/models", headers={"Authorization": f"Bearer {KEY}"})).json()["data"]
         traits = {m["id"]: (m["context_length"], m["supports_reasoning"], m["thinking"], m["supports_image_in"],
                             m["forced_tool_choice_with_thinking"]) for m in raw}
-        assert traits["kimi-k3"] == (524_288, True, "default_on", True, True)
+        assert traits["kimi-k3"] == (524_288, True, "always", True, True)
         assert traits["kimi-k2.5"] == (262_144, True, "default_on", True, False)
         assert traits["kimi-k2-thinking"] == (262_144, True, "always", False, False)
         assert traits["moonshot-v1-8k"] == (8_192, False, "none", False, False)
