@@ -144,6 +144,17 @@ class ClientGone(KimiPoolError):
     code = "client_closed"
 
 
+class ShuttingDown(KimiPoolError):
+    """The server's shutdown grace period ended while this request was still running."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "shutting_down"
+
+    def __init__(self, message: str = "The server is shutting down; the request was cut off. Retry it.") -> None:
+        super().__init__(message)
+
+
 # --- upstream, classified once in the adapter -----------------------------------------------------
 
 
