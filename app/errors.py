@@ -155,6 +155,30 @@ class ShuttingDown(KimiPoolError):
         super().__init__(message)
 
 
+# --- refused at the socket (``app.netguard``), before any request reaches the app -----------------
+
+
+class HeadersTooLarge(InvalidRequest):
+    status = 431
+    code = "request_header_fields_too_large"
+
+
+class HeadTimeout(InvalidRequest):
+    """The request line and headers did not arrive in time (a stalled or very slow client)."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class TooManyConnections(KimiPoolError):
+    status = 503
+    type = "service_unavailable"
+    code = "too_many_connections"
+
+    def headers(self) -> dict[str, str]:
+        return _retry_after_header(1.0)
+
+
 # --- upstream, classified once in the adapter -----------------------------------------------------
 
 

@@ -28,6 +28,7 @@ from app.config import Settings
 from app.errors import ConfigError
 from app.logs import JsonFormatter
 from app.main import create_app
+from app.netguard import NetLimits, connection_cap, http_protocol, raise_open_files_limit
 from app.shutdown import Shutdown
 
 if TYPE_CHECKING:
@@ -58,7 +59,8 @@ recorded, before uvicorn cancels whatever is left for good."""
 def server_config(app: ASGIApp, log_level: str, log_config: dict[str, Any] | None = LOGGING_CONFIG,
                   grace: float = 30.0, http: type[asyncio.Protocol] | str = "httptools",
                   **where: Any) -> uvicorn.Config:
-    """uvicorn's settings for every server kimi-pool runs."""
+    """uvicorn's settings for every server kimi-pool runs; ``http`` is the protocol (``app.netguard``'s,
+    or plain httptools for the keeper's private socket)."""
     return uvicorn.Config(
         app,
         **where,
@@ -71,6 +73,11 @@ def server_config(app: ASGIApp, log_level: str, log_config: dict[str, Any] | Non
         timeout_graceful_shutdown=int(grace + SETTLE),  # a backstop: ``Server`` ends the grace period itself
         server_header=False,
     )
+
+
+def net_limits(settings: Settings) -> NetLimits:
+    return NetLimits(max_header_bytes=settings.max_header_bytes, header_timeout=settings.header_timeout,
+                     max_connections=settings.max_connections)
 
 
 class Server(uvicorn.Server):
@@ -156,13 +163,19 @@ def run_server(settings: Settings) -> None:
     # lifespan flushes usage and state) and afterwards re-raises the signal to the handler it found:
     # make that handler a no-op, so a clean shutdown ends with exit status 0, not "killed by SIGTERM".
     signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    open_files = raise_open_files_limit()  # the workers inherit it
+    cap = connection_cap(settings.max_connections, open_files)
+    if cap < settings.max_connections:
+        log.warning("max connections lowered from %d to %d: the open-files limit is %d (ulimit -n)",
+                    settings.max_connections, cap, open_files)
+        settings = settings.with_(max_connections=cap)
     if settings.workers > 1:
         _serve_with_workers(settings)
         return
     shutdown = Shutdown()
     # log_config=None: uvicorn's own records go to the root handler too, in the same format
     config = server_config(create_app(settings, shutdown=shutdown), settings.log_level, None, settings.shutdown_grace,
-                           host=settings.host, port=settings.port)
+                           http_protocol(net_limits(settings)), host=settings.host, port=settings.port)
     Server(config, shutdown, settings.shutdown_grace).run()
 
 
@@ -180,6 +193,7 @@ def _serve_with_workers(settings: Settings) -> None:
         workers = Workers(settings, runtime, sockets, clock)
         shutdown = Shutdown()
         app = create_app(settings, clock=clock, workers=workers, shutdown=shutdown)
+        # the keeper's socket is private (only its workers connect, with heads they have checked): plain httptools
         config = server_config(app, settings.log_level, None, settings.shutdown_grace,
                                uds=os.path.join(runtime, HTTP_SOCKET))
         Server(config, shutdown, settings.shutdown_grace, workers).run()
@@ -188,4 +202,5 @@ def _serve_with_workers(settings: Settings) -> None:
 
 
 def serve_emulator(app: ASGIApp, host: str, port: int, log_level: str = "warning") -> None:
-    uvicorn.Server(server_config(app, log_level, host=host, port=port)).run()
+    raise_open_files_limit()
+    uvicorn.Server(server_config(app, log_level, http=http_protocol(NetLimits()), host=host, port=port)).run()

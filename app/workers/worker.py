@@ -133,7 +133,8 @@ def settings_from_json(fields: dict[str, Any]) -> Settings:
 
 
 def main() -> None:
-    from app.serve import Server, configure_logging, server_config
+    from app.netguard import http_protocol
+    from app.serve import Server, configure_logging, net_limits, server_config
 
     spec = orjson.loads(sys.stdin.buffer.read())
     settings = settings_from_json(spec["settings"])
@@ -142,7 +143,7 @@ def main() -> None:
     listener = socket.socket(fileno=int(spec["fd"]))
     shutdown = Shutdown()
     app = create_worker_app(settings, runtime=spec["runtime"], index=int(spec["index"]), shutdown=shutdown)
-    config = server_config(app, settings.log_level, None, settings.shutdown_grace)
+    config = server_config(app, settings.log_level, None, settings.shutdown_grace, http_protocol(net_limits(settings)))
     Server(config, shutdown, settings.shutdown_grace).run(sockets=[listener])
 
 
