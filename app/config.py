@@ -61,6 +61,13 @@ class Settings:
     workers: int = 1
     """Processes serving chat completions (``serve --workers N``); above 1, this process keeps the pool
     and the workers lease from it."""
+    max_header_bytes: int = 64 * 1024
+    """The longest request line + headers a connection may send (``app.netguard``); longer: 431."""
+    header_timeout: float = 10.0
+    """Seconds a connection has to send a whole request head, from its start or the end of its previous
+    response; then it is closed."""
+    max_connections: int = 10_000
+    """Most connections each serving process keeps open; beyond, a new one gets 503 at once."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -89,6 +96,9 @@ class Settings:
             raise ConfigError("the file size limit, batch concurrency and attempts must be positive")
         if not 1 <= self.workers <= 64:
             raise ConfigError(f"workers must be between 1 and 64, not {self.workers}")
+        if self.max_header_bytes < 1024 or not self.header_timeout > 0 or self.max_connections < 1:
+            raise ConfigError("max header bytes must be at least 1024, the header timeout above 0 and max "
+                              "connections at least 1")
         if self.log_format not in LOG_FORMATS:
             raise ConfigError(f"bad log format {self.log_format!r}: use {' or '.join(LOG_FORMATS)}")
         if "://" not in self.db_url:

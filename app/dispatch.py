@@ -27,6 +27,7 @@ from app.errors import (
     PoolUnavailable,
     QuotaExhausted,
     RateLimited,
+    ShuttingDown,
     Transient,
     Unsuitable,
     Unsupported,
@@ -35,6 +36,7 @@ from app.errors import (
 from app.pool.account import Account
 from app.pool.context import RequestContext
 from app.pool.leases import Held, Leases
+from app.shutdown import Shutdown
 from app.store.records import UsageRecord
 from app.tokens import estimate_tokens
 from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Thread, Usage
@@ -63,7 +65,7 @@ class RequestObserver(Protocol):
 class Dispatcher:
     def __init__(self, leases: Leases, registry: Registry, usage: UsageSink, clock: Clock, *,
                  failover_deadline: float = 60.0, default_max_tokens: int = 1024,
-                 observers: Sequence[RequestObserver] = ()) -> None:
+                 observers: Sequence[RequestObserver] = (), shutdown: Shutdown | None = None) -> None:
         self._leases = leases
         self._registry = registry
         self._usage = usage
@@ -71,6 +73,7 @@ class Dispatcher:
         self._deadline = failover_deadline
         self._default_max_tokens = default_max_tokens
         self._observers = tuple(observers)
+        self._shutdown = shutdown or Shutdown()
 
     @property
     def leases(self) -> Leases:
@@ -228,7 +231,7 @@ class Dispatcher:
             status, outcome = error.status, error.code or error.type
             raise
         except asyncio.CancelledError:
-            status, outcome = 499, "client_closed"
+            status, outcome = self._cancelled()
             raise
         except Exception:
             status, outcome = 500, "internal_error"
@@ -301,7 +304,7 @@ class Dispatcher:
                 self._upstream_failed(ctx, lease.account, error)
             raise
         except (asyncio.CancelledError, GeneratorExit):
-            status, outcome = 499, "client_closed"
+            status, outcome = self._cancelled()
             raise
         except Exception:
             status, outcome = 500, "internal_error"
@@ -316,6 +319,14 @@ class Dispatcher:
             self._record(request, ctx, usage, status, outcome, first_byte)
 
     # --- what is told to the store and the observers --------------------------------------------
+
+    def _cancelled(self) -> tuple[int, str]:
+        """How a cancelled request ended: cut at the end of the shutdown's grace period, or left by its
+        client."""
+        if self._shutdown.over:
+            error = ShuttingDown()
+            return error.status, error.code or error.type
+        return 499, "client_closed"
 
     def refused(self, request_id: str, client: str | None, model: str | None, stream: bool,
                 error: KimiPoolError, started: float) -> None:

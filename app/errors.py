@@ -150,6 +150,41 @@ class ClientGone(KimiPoolError):
     code = "client_closed"
 
 
+class ShuttingDown(KimiPoolError):
+    """The server's shutdown grace period ended while this request was still running."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "shutting_down"
+
+    def __init__(self, message: str = "The server is shutting down; the request was cut off. Retry it.") -> None:
+        super().__init__(message)
+
+
+# --- refused at the socket (``app.netguard``), before any request reaches the app -----------------
+
+
+class HeadersTooLarge(InvalidRequest):
+    status = 431
+    code = "request_header_fields_too_large"
+
+
+class HeadTimeout(InvalidRequest):
+    """The request line and headers did not arrive in time (a stalled or very slow client)."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class TooManyConnections(KimiPoolError):
+    status = 503
+    type = "service_unavailable"
+    code = "too_many_connections"
+
+    def headers(self) -> dict[str, str]:
+        return _retry_after_header(1.0)
+
+
 # --- upstream, classified once in the adapter -----------------------------------------------------
 
 

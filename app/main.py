@@ -50,6 +50,7 @@ from app.pool.leases import PoolLeases
 from app.pool.scheduler import Pool
 from app.pool.sessions import SessionTable
 from app.sealing import KEY_NAME, Sealer
+from app.shutdown import Shutdown
 from app.store.db import Database
 from app.store.repository import import_config
 from app.store.secrets import server_secret
@@ -87,10 +88,13 @@ async def import_accounts(db: Database, settings: Settings, clock: Clock) -> Non
 
 
 def create_app(settings: Settings, *, clock: Clock | None = None,
-               transport: aiohttp.BaseConnector | None = None, workers: Workers | None = None) -> FrontDoor:
+               transport: aiohttp.BaseConnector | None = None, workers: Workers | None = None,
+               shutdown: Shutdown | None = None) -> FrontDoor:
     """The gateway. With ``workers`` this process is the keeper of ``serve --workers N``: it starts
-    them once everything is up, leases them accounts from its pool, and stops them first at shutdown."""
+    them once everything is up, leases them accounts from its pool, and stops them first at shutdown.
+    ``shutdown`` is shared with the server, which tells it when the shutdown's grace period is over."""
     clock = clock or SystemClock()
+    shutdown = shutdown or Shutdown()
     ids = Ids()
 
     @contextlib.asynccontextmanager
@@ -124,11 +128,11 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         dispatcher = Dispatcher(leases, registry, writer, clock,
                                 failover_deadline=settings.failover_deadline,
                                 default_max_tokens=settings.default_max_tokens,
-                                observers=(observer, AccessLog()))
+                                observers=(observer, AccessLog()), shutdown=shutdown)
         app.state.gateway = gateway = Gateway(settings, clock, auth, pool, admission, sessions, dispatcher,
                                               clock.time(), metrics_registry)
         idempotency = Idempotency(db, writer, clock, ttl=settings.idempotency_ttl)
-        app.state.chat = ChatCompletions(settings, clock, auth, dispatcher, ids, idempotency)
+        app.state.chat = ChatCompletions(settings, clock, auth, dispatcher, ids, idempotency, shutdown)
         app.state.idempotency = idempotency
         app.state.writer = writer
         app.state.sync = sync
@@ -188,4 +192,4 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         exception_handlers={KimiPoolError: handle_kimi_pool_error, HTTPException: handle_http_exception},
         lifespan=lifespan,
     )
-    return FrontDoor(app)
+    return FrontDoor(app, shutdown)

@@ -5,11 +5,13 @@ Kept apart from ``cli.py`` so the commands stay thin and their option parsing st
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,10 +28,13 @@ from app.config import Settings
 from app.errors import ConfigError
 from app.logs import JsonFormatter
 from app.main import create_app
+from app.netguard import NetLimits, connection_cap, http_protocol, raise_open_files_limit
+from app.shutdown import Shutdown
 
 if TYPE_CHECKING:
     from app.workers.supervisor import Workers
 
+log = logging.getLogger("kimi_pool")
 TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 QUIET_LOGGERS = ("aiosqlite",)
 """Libraries kept at INFO even with ``--log-level debug``: aiosqlite logs every statement with its
@@ -46,8 +51,16 @@ def configure_logging(level: str, log_format: str, stream: TextIO | None = None)
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
 
 
-def _config(app: ASGIApp, log_level: str, log_config: dict[str, Any] | None = LOGGING_CONFIG,
-            grace: float = 30.0, **where: Any) -> uvicorn.Config:
+SETTLE = 5.0
+"""Seconds the requests cut at the end of the shutdown grace period get to send their error and be
+recorded, before uvicorn cancels whatever is left for good."""
+
+
+def server_config(app: ASGIApp, log_level: str, log_config: dict[str, Any] | None = LOGGING_CONFIG,
+                  grace: float = 30.0, http: type[asyncio.Protocol] | str = "httptools",
+                  **where: Any) -> uvicorn.Config:
+    """uvicorn's settings for every server kimi-pool runs; ``http`` is the protocol (``app.netguard``'s,
+    or plain httptools for the keeper's private socket)."""
     return uvicorn.Config(
         app,
         **where,
@@ -56,15 +69,51 @@ def _config(app: ASGIApp, log_level: str, log_config: dict[str, Any] | None = LO
         access_log=False,  # one line per request comes from kimi-pool itself, without credentials
         lifespan="on",
         loop="uvloop",
-        http="httptools",
-        timeout_graceful_shutdown=int(grace) or None,  # after SIGTERM: how long in-flight requests may finish
+        http=http,
+        timeout_graceful_shutdown=int(grace + SETTLE),  # a backstop: ``Server`` ends the grace period itself
         server_header=False,
     )
 
 
-def _run(app: ASGIApp, host: str, port: int, log_level: str,
-         log_config: dict[str, Any] | None = LOGGING_CONFIG, grace: float = 30.0) -> None:
-    uvicorn.Server(_config(app, log_level, log_config, grace, host=host, port=port)).run()
+def net_limits(settings: Settings) -> NetLimits:
+    return NetLimits(max_header_bytes=settings.max_header_bytes, header_timeout=settings.header_timeout,
+                     max_connections=settings.max_connections)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, ending the shutdown's grace period itself: after SIGTERM, requests and streams in
+    flight may finish for ``grace`` seconds; then ``shutdown`` is told, so that each request still running
+    answers 503 ``shutting_down`` (or ends its stream with that error event) and is recorded as such, and
+    they are cancelled. With ``workers`` (the keeper of ``serve --workers N``) a stop signal reaches the
+    workers at once, so they stop accepting too."""
+
+    def __init__(self, config: uvicorn.Config, shutdown: Shutdown, grace: float,
+                 workers: Workers | None = None) -> None:
+        super().__init__(config)
+        self._ending = shutdown
+        self._grace = grace
+        self._workers = workers
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self._workers is not None:
+            self._workers.signal_stop()
+        super().handle_exit(sig, frame)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        timer = asyncio.get_running_loop().call_later(self._grace, self._end_grace)
+        try:
+            await super().shutdown(sockets)
+        finally:
+            timer.cancel()
+
+    def _end_grace(self) -> None:
+        tasks = list(self.server_state.tasks)
+        if not tasks:
+            return
+        log.warning("the shutdown grace period is over: ending %d request(s) still running", len(tasks))
+        self._ending.end_grace()
+        for task in tasks:
+            task.cancel()
 
 
 def migrate_in_child(db_url: str) -> None:
@@ -114,24 +163,20 @@ def run_server(settings: Settings) -> None:
     # lifespan flushes usage and state) and afterwards re-raises the signal to the handler it found:
     # make that handler a no-op, so a clean shutdown ends with exit status 0, not "killed by SIGTERM".
     signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    open_files = raise_open_files_limit()  # the workers inherit it
+    cap = connection_cap(settings.max_connections, open_files)
+    if cap < settings.max_connections:
+        log.warning("max connections lowered from %d to %d: the open-files limit is %d (ulimit -n)",
+                    settings.max_connections, cap, open_files)
+        settings = settings.with_(max_connections=cap)
     if settings.workers > 1:
         _serve_with_workers(settings)
         return
+    shutdown = Shutdown()
     # log_config=None: uvicorn's own records go to the root handler too, in the same format
-    _run(create_app(settings), settings.host, settings.port, settings.log_level, log_config=None,
-         grace=settings.shutdown_grace)
-
-
-class _KeeperServer(uvicorn.Server):
-    """The keeper's server: a stop signal reaches its workers at once, so they stop accepting too."""
-
-    def __init__(self, config: uvicorn.Config, workers: Workers) -> None:
-        super().__init__(config)
-        self._workers = workers
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self._workers.signal_stop()
-        super().handle_exit(sig, frame)
+    config = server_config(create_app(settings, shutdown=shutdown), settings.log_level, None, settings.shutdown_grace,
+                           http_protocol(net_limits(settings)), host=settings.host, port=settings.port)
+    Server(config, shutdown, settings.shutdown_grace).run()
 
 
 def _serve_with_workers(settings: Settings) -> None:
@@ -146,13 +191,16 @@ def _serve_with_workers(settings: Settings) -> None:
     try:
         clock = SystemClock()
         workers = Workers(settings, runtime, sockets, clock)
-        app = create_app(settings, clock=clock, workers=workers)
-        config = _config(app, settings.log_level, None, settings.shutdown_grace,
-                         uds=os.path.join(runtime, HTTP_SOCKET))
-        _KeeperServer(config, workers).run()
+        shutdown = Shutdown()
+        app = create_app(settings, clock=clock, workers=workers, shutdown=shutdown)
+        # the keeper's socket is private (only its workers connect, with heads they have checked): plain httptools
+        config = server_config(app, settings.log_level, None, settings.shutdown_grace,
+                               uds=os.path.join(runtime, HTTP_SOCKET))
+        Server(config, shutdown, settings.shutdown_grace, workers).run()
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
 
 
 def serve_emulator(app: ASGIApp, host: str, port: int, log_level: str = "warning") -> None:
-    _run(app, host, port, log_level)
+    raise_open_files_limit()
+    uvicorn.Server(server_config(app, log_level, http=http_protocol(NetLimits()), host=host, port=port)).run()

@@ -6,14 +6,16 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import AsyncIterator
+from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp
 
 
 @contextlib.asynccontextmanager
-async def serve(app: ASGIApp) -> AsyncIterator[str]:
-    """Serve ``app`` on a free loopback port; yield its base URL (``http://127.0.0.1:PORT``).
+async def serve(app: ASGIApp, **config: Any) -> AsyncIterator[str]:
+    """Serve ``app`` on a free loopback port; yield its base URL (``http://127.0.0.1:PORT``). ``config``:
+    more ``uvicorn.Config`` settings (e.g. ``http``, the protocol class).
 
     The listening socket is bound and listening before the server task starts, so a client may
     connect at once: the kernel queues the connection until uvicorn (after lifespan startup)
@@ -25,8 +27,8 @@ async def serve(app: ASGIApp) -> AsyncIterator[str]:
     sock.bind(("127.0.0.1", 0))
     sock.listen(1024)
     port = sock.getsockname()[1]
-    config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5,
+                                           **config))
     task = asyncio.create_task(server.serve(sockets=[sock]))
     try:
         yield f"http://127.0.0.1:{port}"
@@ -41,7 +43,6 @@ async def serve(app: ASGIApp) -> AsyncIterator[str]:
 
 import dataclasses  # noqa: E402
 from pathlib import Path  # noqa: E402
-from typing import Any  # noqa: E402
 
 import httpx  # noqa: E402
 import openai  # noqa: E402

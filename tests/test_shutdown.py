@@ -1,4 +1,6 @@
-"""SIGTERM on a real ``kimi-pool serve`` process: in-flight streams finish, usage is stored, exit 0."""
+"""SIGTERM on a real ``kimi-pool serve`` process: in-flight streams finish, usage is stored, exit 0; what
+still runs when the grace period ends gets an OpenAI error (a JSON 503, or a last error event) and is
+recorded as ``shutting_down``."""
 
 from __future__ import annotations
 
@@ -6,15 +8,17 @@ import asyncio
 import signal
 import sqlite3
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
 import pytest
 
 from app.emulator.moonshot import MoonshotEmulatorConfig, create_moonshot_emulator
-from tests.conftest import MASTER_KEY, gateway_process, read_until, serve
+from tests.conftest import MASTER_KEY, accounts_toml, gateway_process, read_until, serve
 
 MODEL = "kimi-k2-0905-preview"
+MESSAGES: Any = [{"role": "user", "content": "hello"}]
 
 
 async def test_sigterm_lets_a_stream_finish_stores_its_usage_and_exits_0(tmp_path: Path) -> None:
@@ -51,26 +55,73 @@ async def test_sigterm_lets_a_stream_finish_stores_its_usage_and_exits_0(tmp_pat
     assert rows == [(200, "ok", 1, usage.completion_tokens)], "the stream's usage was flushed before exit"
 
 
-async def test_a_stream_that_outlives_the_grace_period_is_cut_and_recorded(tmp_path: Path) -> None:
+async def test_requests_running_at_the_end_of_the_grace_period_get_an_openai_error_and_are_recorded(
+        tmp_path: Path) -> None:
     emulator_app = create_moonshot_emulator(MoonshotEmulatorConfig.simple(keys=1))
     emulator = emulator_app.state.emulator
-    async with serve(emulator_app) as emulator_url, \
-            gateway_process(tmp_path, emulator_url, "--shutdown-grace", "1") as (process, url, log):
+    async with serve(emulator_app) as emulator_url:
+        accounts = accounts_toml(emulator_url, ["sk-emu-0001"], concurrency=2)
+        async with gateway_process(tmp_path, emulator_url, "--shutdown-grace", "1", accounts=accounts) as (
+                process, url, log):
+            assert process.stderr is not None
+            emulator.script("sk-emu-0001", [{"kind": "hold_after", "chunks": 2}, {"kind": "hold_after", "chunks": 0}])
+            client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=MASTER_KEY, max_retries=0)
+            stream = await client.chat.completions.create(model=MODEL, stream=True, messages=MESSAGES)
+            await anext(stream)
+            whole = asyncio.ensure_future(client.chat.completions.create(model=MODEL, messages=MESSAGES))
+            await emulator.wait_for(lambda e: e.held == 2)  # both hold the account's two slots
+            queued = asyncio.ensure_future(client.chat.completions.create(model=MODEL, messages=MESSAGES))
+            async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {MASTER_KEY}"}) as http:
+                while (await http.get("/v1/pool/status")).json()["queue"]["depth"] != 1:
+                    pass  # each read is a round trip: the third request is on its way to the queue
+
+            process.send_signal(signal.SIGTERM)  # the server's own 1 s timer ends the grace period
+            with pytest.raises(openai.APIError) as cut_stream:
+                async for _ in stream:
+                    pass
+            assert cut_stream.value.code == "shutting_down" and "shutting down" in cut_stream.value.message
+            for request in (whole, queued):
+                with pytest.raises(openai.InternalServerError) as cut:
+                    await request
+                assert cut.value.status_code == 503 and cut.value.code == "shutting_down"
+            await client.close()
+            rest = (await asyncio.wait_for(process.stderr.read(), 30)).decode(errors="replace")
+            assert await process.wait() == 0, "".join(log) + rest
+            assert "Traceback" not in rest and "Exception in ASGI application" not in rest
+            emulator.release()
+    with sqlite3.connect(tmp_path / "kimi-pool.db") as db:
+        rows = db.execute("SELECT status, outcome, stream, account FROM usage ORDER BY stream, account").fetchall()
+    assert rows == [(503, "shutting_down", 0, None), (503, "shutting_down", 0, "acct-1"),
+                    (503, "shutting_down", 1, "acct-1")], "each is recorded as cut by the shutdown"
+
+
+async def test_with_workers_too_what_runs_at_the_end_of_the_grace_period_gets_an_openai_error(
+        tmp_path: Path) -> None:
+    emulator_app = create_moonshot_emulator(MoonshotEmulatorConfig.simple(keys=1))
+    emulator = emulator_app.state.emulator
+    async with serve(emulator_app) as emulator_url, gateway_process(
+            tmp_path, emulator_url, "--workers", "2", "--shutdown-grace", "1",
+            ready="kimi-pool ready: 2 workers") as (process, url, log):
+        emulator.script("sk-emu-0001", [{"kind": "hold_after", "chunks": 2}, {"kind": "hold_after", "chunks": 0}])
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=MASTER_KEY, max_retries=0) as client:
+            stream = await client.chat.completions.create(model=MODEL, stream=True, messages=MESSAGES)
+            await anext(stream)
+            forwarded = asyncio.ensure_future(client.chat.completions.create(  # a worker passes it to the keeper
+                model=MODEL, messages=MESSAGES, extra_headers={"Idempotency-Key": "cut-1"}))
+            await emulator.wait_for(lambda e: e.held == 2)
+            process.send_signal(signal.SIGTERM)  # to the keeper, which stops its workers
+            with pytest.raises(openai.APIError) as cut:
+                async for _ in stream:
+                    pass
+            assert cut.value.code == "shutting_down"
+            with pytest.raises(openai.InternalServerError) as cut_whole:
+                await forwarded
+            assert cut_whole.value.status_code == 503 and cut_whole.value.code == "shutting_down"
         assert process.stderr is not None
-        emulator.script("sk-emu-0001", [{"kind": "hold_after", "chunks": 2}])  # never released
-        client = openai.AsyncOpenAI(base_url=url + "/v1", api_key=MASTER_KEY, max_retries=0)
-        stream = await client.chat.completions.create(model=MODEL, stream=True,
-                                                      messages=[{"role": "user", "content": "hello"}])
-        await anext(stream)
-        await emulator.wait_for(lambda e: e.held == 1)
-        process.send_signal(signal.SIGTERM)
-        with pytest.raises((openai.APIError, httpx.HTTPError)):  # the server's own 1 s timer ends it
-            async for _ in stream:
-                pass
-        await client.close()
-        rest = (await asyncio.wait_for(process.stderr.read(), 30)).decode(errors="replace")
+        rest = (await asyncio.wait_for(process.stderr.read(), 60)).decode(errors="replace")
         assert await process.wait() == 0, "".join(log) + rest
+        assert "Traceback" not in rest and "Exception in ASGI application" not in rest
         emulator.release()
     with sqlite3.connect(tmp_path / "kimi-pool.db") as db:
-        rows = db.execute("SELECT status, outcome FROM usage").fetchall()
-    assert rows == [(499, "client_closed")], "the cut stream is still recorded"
+        rows = db.execute("SELECT status, outcome, stream FROM usage ORDER BY stream").fetchall()
+    assert rows == [(503, "shutting_down", 0), (503, "shutting_down", 1)]

@@ -3,24 +3,35 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
+import orjson
 from starlette.applications import Starlette
 from starlette.datastructures import State
-from starlette.types import Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.shutdown import Shutdown
 
 CHAT_PATH = "/v1/chat/completions"
+log = logging.getLogger("kimi_pool.api")
 
 
 class FrontDoor:
-    def __init__(self, app: Starlette) -> None:
+    def __init__(self, app: Starlette, shutdown: Shutdown | None = None) -> None:
         self.app = app
+        self.shutdown = shutdown or Shutdown()
 
     @property
     def state(self) -> State:
         return self.app.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST":
-            await self.app.state.chat(scope, receive, send)
+        if scope["type"] == "http":
+            if scope["path"] == CHAT_PATH and scope["method"] == "POST":
+                await self.app.state.chat(scope, receive, send)
+            else:
+                await answer_cut(self.app, scope, receive, send, self.shutdown)
             return
         await self.app(scope, receive, send)
 
@@ -31,3 +42,30 @@ class ChatRoute:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         await scope["app"].state.chat(scope, receive, send)
+
+
+async def answer_cut(app: ASGIApp, scope: Scope, receive: Receive, send: Send, shutdown: Shutdown) -> None:
+    """Run ``app`` on one request. If the end of the shutdown's grace period cuts it before its response
+    began, answer 503 ``shutting_down`` (instead of uvicorn's plain-text 500); after, the response is cut
+    off (the connection closes), which is the truth."""
+    started = False
+
+    async def watched(message: Message) -> None:
+        nonlocal started
+        started = started or message["type"] == "http.response.start"
+        await send(message)
+
+    try:
+        await app(scope, receive, watched)
+    except asyncio.CancelledError:
+        error = shutdown.cut()
+        if error is None:
+            raise
+        log.warning("%s %s was still running at the end of the shutdown grace period", scope["method"],
+                    scope["path"])
+        if started:
+            return
+        body = orjson.dumps(error.body())
+        await send({"type": "http.response.start", "status": error.status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})

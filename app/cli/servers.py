@@ -40,6 +40,14 @@ def serve(
     workers: Annotated[int, typer.Option(
         min=1, max=64, help="Processes serving chat completions, for more cores; limits, cooldowns, sessions and "
                             "the round robin stay shared.")] = 1,
+    max_header_bytes: Annotated[int, typer.Option(
+        min=1024, help="Longest request line + headers a client may send; longer ones get 431.")] = 64 * 1024,
+    header_timeout: Annotated[float, typer.Option(
+        min=0.01, help="Seconds a connection has to send a whole request line + headers (from its start, or the "
+                       "end of its previous response); then it is closed.")] = 10.0,
+    max_connections: Annotated[int, typer.Option(
+        min=1, help="Most connections open at once, per serving process; beyond, new ones get 503. Lowered if "
+                    "the open-files limit cannot hold them.")] = 10_000,
 ) -> None:
     """Serve the OpenAI-compatible gateway. The database is migrated to the current schema first."""
     if log_level not in ("debug", "info", "warning", "error"):
@@ -50,7 +58,8 @@ def serve(
         "db_url": _state(ctx).db_url, "host": host, "port": port, "accounts_file": accounts, "log_level": log_level,
         "log_format": log_format, "max_wait": max_wait, "max_queue": max_queue,
         "shutdown_grace": float(shutdown_grace), "interactive_share": interactive_share,
-        "batch_concurrency": batch_concurrency, "workers": workers}
+        "batch_concurrency": batch_concurrency, "workers": workers, "max_header_bytes": max_header_bytes,
+        "header_timeout": header_timeout, "max_connections": max_connections}
     serve_gateway(Settings.from_env(**options), options)
 
 

@@ -22,14 +22,13 @@ from typing import Any
 
 import aiohttp
 import orjson
-import uvicorn
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
 from app.api.auth import Authenticator
 from app.api.errors import header
-from app.api.front import CHAT_PATH
+from app.api.front import CHAT_PATH, answer_cut
 from app.api.ids import Ids
 from app.api.openai.chat import ChatCompletions
 from app.clock import Clock, SystemClock
@@ -37,6 +36,7 @@ from app.config import Settings
 from app.dispatch import Dispatcher
 from app.logs import AccessLog
 from app.pool.scheduler import Pool
+from app.shutdown import Shutdown
 from app.store.db import Database
 from app.sync import AccountSync
 from app.upstreams.http import create_session
@@ -57,8 +57,9 @@ class WorkerFront:
     been created a moment ago through the admin API (the keeper knows it at once, a worker after
     its next reload), and the keeper answers a bad key with the same 401 as the worker would."""
 
-    def __init__(self, app: Starlette) -> None:
+    def __init__(self, app: Starlette, shutdown: Shutdown) -> None:
         self.app = app
+        self.shutdown = shutdown
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -67,15 +68,16 @@ class WorkerFront:
                     and state.auth.knows(Headers(scope=scope))):
                 await state.chat(scope, receive, send)
             else:
-                await state.forward(scope, receive, send)
+                await answer_cut(state.forward, scope, receive, send, self.shutdown)
             return
         await self.app(scope, receive, send)
 
 
 def create_worker_app(settings: Settings, *, runtime: str, index: int, clock: Clock | None = None,
-                      transport: aiohttp.BaseConnector | None = None) -> WorkerFront:
+                      transport: aiohttp.BaseConnector | None = None, shutdown: Shutdown | None = None) -> WorkerFront:
     """A worker's app, leasing from the keeper whose sockets are in the directory ``runtime``."""
     clock = clock or SystemClock()
+    shutdown = shutdown or Shutdown()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -91,10 +93,10 @@ def create_worker_app(settings: Settings, *, runtime: str, index: int, clock: Cl
         dispatcher = Dispatcher(RemoteLeases(link, accounts, sync.load), registry, NoUsage(), clock,
                                 failover_deadline=settings.failover_deadline,
                                 default_max_tokens=settings.default_max_tokens,
-                                observers=(AccessLog(worker=index), RemoteObserver(link)))
+                                observers=(AccessLog(worker=index), RemoteObserver(link)), shutdown=shutdown)
         forward = Forwarder(os.path.join(runtime, HTTP_SOCKET))
         forward.start()
-        app.state.chat = ChatCompletions(settings, clock, auth, dispatcher, Ids(), None)
+        app.state.chat = ChatCompletions(settings, clock, auth, dispatcher, Ids(), None, shutdown)
         app.state.forward = forward
         app.state.auth = auth
         gc.collect()
@@ -109,7 +111,7 @@ def create_worker_app(settings: Settings, *, runtime: str, index: int, clock: Cl
             link.close()  # sends what is queued (the last usage records) first
             await db.dispose()
 
-    return WorkerFront(Starlette(lifespan=lifespan))
+    return WorkerFront(Starlette(lifespan=lifespan), shutdown)
 
 
 def _keeper_lost() -> None:
@@ -131,18 +133,18 @@ def settings_from_json(fields: dict[str, Any]) -> Settings:
 
 
 def main() -> None:
-    from app.serve import configure_logging
+    from app.netguard import http_protocol
+    from app.serve import Server, configure_logging, net_limits, server_config
 
     spec = orjson.loads(sys.stdin.buffer.read())
     settings = settings_from_json(spec["settings"])
     configure_logging(settings.log_level, settings.log_format)
     signal.signal(signal.SIGTERM, lambda _signum, _frame: None)  # exit 0 after uvicorn's clean shutdown
     listener = socket.socket(fileno=int(spec["fd"]))
-    config = uvicorn.Config(
-        create_worker_app(settings, runtime=spec["runtime"], index=int(spec["index"])),
-        log_level=settings.log_level, log_config=None, access_log=False, lifespan="on", loop="uvloop",
-        http="httptools", timeout_graceful_shutdown=int(settings.shutdown_grace) or None, server_header=False)
-    uvicorn.Server(config).run(sockets=[listener])
+    shutdown = Shutdown()
+    app = create_worker_app(settings, runtime=spec["runtime"], index=int(spec["index"]), shutdown=shutdown)
+    config = server_config(app, settings.log_level, None, settings.shutdown_grace, http_protocol(net_limits(settings)))
+    Server(config, shutdown, settings.shutdown_grace).run(sockets=[listener])
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ and keeps its answer when it succeeds; a retry gets that answer back, marked
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -32,6 +33,7 @@ from app.errors import InvalidRequest, KimiPoolError
 from app.idempotency import Claim, Idempotency, Transcript, replay_events, request_hash, scoped_key
 from app.pool.context import RequestContext
 from app.pool.sessions import session_key
+from app.shutdown import Shutdown
 from app.store.records import IdempotentAnswer
 from app.upstreams.base import Batch, ChatRequest, Usage
 
@@ -43,10 +45,13 @@ _EXPOSED = ", ".join(EXPOSED_HEADERS).encode()
 
 class ChatCompletions:
     def __init__(self, settings: Settings, clock: Clock, auth: Authenticator, dispatcher: Dispatcher, ids: Ids,
-                 idempotency: Idempotency | None) -> None:
+                 idempotency: Idempotency | None, shutdown: Shutdown | None = None) -> None:
         """``idempotency`` None: requests with an ``Idempotency-Key`` never reach this handler (a worker
-        of ``serve --workers N`` passes them to the keeper)."""
+        of ``serve --workers N`` passes them to the keeper). ``shutdown``: a request still running when
+        the shutdown's grace period ends answers 503 ``shutting_down`` (the same object the dispatcher
+        records it with)."""
         self._settings = settings
+        self._shutdown = shutdown or Shutdown()
         self._clock = clock
         self._auth = auth
         self._dispatcher = dispatcher
@@ -86,7 +91,13 @@ class ChatCompletions:
         request_id = self._ids.request_id(header(scope, b"x-request-id"))
         headers = self._common_headers(scope, request_id)
         try:
-            await self._handle(scope, receive, send, request_id, headers, started)
+            try:
+                await self._handle(scope, receive, send, request_id, headers, started)
+            except asyncio.CancelledError:
+                cut = self._shutdown.cut()  # the dispatcher has recorded it as cut by the shutdown
+                if cut is None:
+                    raise
+                raise cut from None
         except KimiPoolError as error:
             await _send_json(send, error.status, orjson.dumps(error.body()),
                              headers + [(k.lower().encode(), v.encode()) for k, v in error.headers().items()])
@@ -109,10 +120,13 @@ class ChatCompletions:
             key = header(scope, b"idempotency-key")
             if key is not None and self._idempotency is not None:  # may wait for a request holding the key
                 claim = await self._idempotency.claim(scoped_key(key, client), request_hash(payload))
-        except KimiPoolError as error:  # turned away at the door: still one request for metrics and the log
+        except (KimiPoolError, asyncio.CancelledError) as caught:  # turned away at the door: still one request
+            error = caught if isinstance(caught, KimiPoolError) else self._shutdown.cut()  # for metrics and the log
+            if error is None:
+                raise
             dispatcher.refused(request_id, client, chat.model if chat else None,
-                                       chat.stream if chat else False, error, started)
-            raise
+                               chat.stream if chat else False, error, started)
+            raise error from None
         if claim is not None and claim.replay is not None:
             await _replay(scope, receive, send, chat, claim.replay, headers)
             dispatcher.replayed(request_id, client, chat.model, chat.stream, started)
@@ -137,7 +151,7 @@ class ChatCompletions:
             headers.append((b"x-kimi-pool-account", (ctx.account or "").encode()))
             renderer = ChunkRenderer(completion_id, created, chat.model)
             frames = _frames(renderer, first, events, chat.include_usage, claim)
-            await SSEResponse(frames, headers)(scope, receive, send)
+            await SSEResponse(frames, headers, self._shutdown)(scope, receive, send)
         finally:
             if claim is not None:
                 claim.release()  # a no-op after ``keep``; else the next request with the key runs

@@ -19,6 +19,7 @@ import orjson
 from starlette.types import Receive, Scope, Send
 
 from app.errors import KimiPoolError
+from app.shutdown import Shutdown
 from app.upstreams.base import Completion, Delta, Event, Finish, Usage
 
 log = logging.getLogger("kimi_pool.sse")
@@ -92,11 +93,14 @@ class SSEResponse:
     """An ASGI response that relays an async iterator of frames as they come.
 
     It watches for the client going away while the upstream is quiet and, if so, cancels the
-    relay at once (closing the upstream request and freeing the account).
+    relay at once (closing the upstream request and freeing the account). A relay cancelled because
+    the shutdown's grace period is over ends with a ``shutting_down`` error event.
     """
 
-    def __init__(self, frames: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]]) -> None:
+    def __init__(self, frames: AsyncIterator[bytes], headers: list[tuple[bytes, bytes]],
+                 shutdown: Shutdown | None = None) -> None:
         self._frames = frames
+        self._shutdown = shutdown
         self._headers = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
                          (b"x-accel-buffering", b"no"), *headers]
 
@@ -111,9 +115,14 @@ class SSEResponse:
                 await send({"type": "http.response.body", "body": frame, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not state.client_gone:
+            if state.client_gone:
+                task.uncancel()  # our own cancellation: the client went away; the relay ends quietly
+                return
+            cut = self._shutdown.cut() if self._shutdown is not None else None
+            if cut is None:
                 raise
-            task.uncancel()  # our own cancellation: the client went away; the relay ends quietly
+            await send({"type": "http.response.body", "body": _frame(cut.body()), "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         except OSError:
             pass  # the connection broke under us; same as the client going away
         finally:
