@@ -17,8 +17,7 @@ from app.errors import ConfigError
 from app.store.db import SCHEMA_HEAD, Database, migrations_dir
 from app.store.models import Base
 
-HEAD = "0005"
-"""The newest migration: a new revision changes this line."""
+HEAD = SCHEMA_HEAD
 
 
 def head_revision() -> str | None:
