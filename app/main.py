@@ -185,4 +185,4 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         exception_handlers={KimiPoolError: handle_kimi_pool_error, HTTPException: handle_http_exception},
         lifespan=lifespan,
     )
-    return FrontDoor(app)
+    return FrontDoor(app, ids)

@@ -1,5 +1,6 @@
 """The outermost ASGI app: the chat hot path goes straight to its handler; everything else
-(other routes, preflight, lifespan) goes through the Starlette application and its middleware."""
+(other routes, preflight, lifespan) goes through the Starlette application and its middleware.
+While the gateway is open (no key at all), every request must first pass ``app.api.loopback``."""
 
 from __future__ import annotations
 
@@ -7,21 +8,30 @@ from starlette.applications import Starlette
 from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 
+from app.api.ids import Ids
+from app.api.loopback import turned_away
+
 CHAT_PATH = "/v1/chat/completions"
 
 
 class FrontDoor:
-    def __init__(self, app: Starlette) -> None:
+    def __init__(self, app: Starlette, ids: Ids) -> None:
         self.app = app
+        self._ids = ids
 
     @property
     def state(self) -> State:
         return self.app.state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["path"] == CHAT_PATH and scope["method"] == "POST":
-            await self.app.state.chat(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            state = self.app.state
+            if state.gateway.auth.open and (refused := turned_away(scope, self._ids)) is not None:
+                await refused(scope, receive, send)
+                return
+            if scope["path"] == CHAT_PATH and scope["method"] == "POST":
+                await state.chat(scope, receive, send)
+                return
         await self.app(scope, receive, send)
 
 

@@ -31,6 +31,7 @@ from app.api.auth import Authenticator
 from app.api.errors import header
 from app.api.front import CHAT_PATH
 from app.api.ids import Ids
+from app.api.loopback import turned_away
 from app.api.openai.chat import ChatCompletions
 from app.clock import Clock, SystemClock
 from app.config import Settings
@@ -55,7 +56,8 @@ class WorkerFront:
 
     A chat request whose key this worker does not know goes to the keeper too: the key may have
     been created a moment ago through the admin API (the keeper knows it at once, a worker after
-    its next reload), and the keeper answers a bad key with the same 401 as the worker would."""
+    its next reload), and the keeper answers a bad key with the same 401 as the worker would.
+    While the gateway is open, the rules of ``app.api.loopback`` come first, as in ``FrontDoor``."""
 
     def __init__(self, app: Starlette) -> None:
         self.app = app
@@ -63,6 +65,9 @@ class WorkerFront:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             state = self.app.state
+            if state.auth.open and (refused := turned_away(scope, state.ids)) is not None:  # as the keeper would
+                await refused(scope, receive, send)
+                return
             if (scope["path"] == CHAT_PATH and scope["method"] == "POST" and header(scope, b"idempotency-key") is None
                     and state.auth.knows(Headers(scope=scope))):
                 await state.chat(scope, receive, send)
@@ -94,7 +99,8 @@ def create_worker_app(settings: Settings, *, runtime: str, index: int, clock: Cl
                                 observers=(AccessLog(worker=index), RemoteObserver(link)))
         forward = Forwarder(os.path.join(runtime, HTTP_SOCKET))
         forward.start()
-        app.state.chat = ChatCompletions(settings, clock, auth, dispatcher, Ids(), None)
+        app.state.ids = ids = Ids()
+        app.state.chat = ChatCompletions(settings, clock, auth, dispatcher, ids, None)
         app.state.forward = forward
         app.state.auth = auth
         gc.collect()
