@@ -28,6 +28,7 @@ import orjson
 from app.clock import Clock
 from app.errors import AuthDead, RateLimited, Transient, Unsuitable, UpstreamBadRequest
 from app.pool.account import Account
+from app.redact import redact
 from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Finish, Thread
 from app.upstreams.http import TRANSPORT_ERRORS
 from app.upstreams.transcript import flatten
@@ -214,7 +215,7 @@ class KimiAiChatUpstream:
                 return message
             raise Transient("kimi-ai.chat answered success without a message")
         why = data.get("data")
-        why = why if isinstance(why, str) else orjson.dumps(why).decode()
+        why = redact(why if isinstance(why, str) else orjson.dumps(why).decode())  # before it is cut to 200
         if _THROTTLE.search(why):
             raise RateLimited(f"kimi-ai.chat throttled this account: {why[:200]}", retry_after=THROTTLE_COOLDOWN)
         if _TOO_LONG.search(why):

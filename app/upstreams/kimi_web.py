@@ -29,6 +29,7 @@ from app.clock import Clock
 from app.errors import AuthDead, ConfigError, RateLimited, Transient, UpstreamBadRequest, UpstreamError
 from app.kimi_auth import TokenInfo, read_token
 from app.pool.account import Account
+from app.redact import redact
 from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Finish, Thread
 from app.upstreams.connect import EnvelopeReader, FramingError, envelope
 from app.upstreams.http import TRANSPORT_ERRORS
@@ -80,7 +81,7 @@ def scenario_of(model: str) -> tuple[str, bool]:
 
 def classify(code: str | None, message: str | None, status: int = 200) -> UpstreamError:
     """A Connect error (code, message; the HTTP status for unary or pre-stream errors) → the closed set."""
-    text = f"kimi.com: {code or f'HTTP {status}'}: {(message or '').strip()[:200]}".rstrip(": ")
+    text = f"kimi.com: {code or f'HTTP {status}'}: {redact((message or '').strip())[:200]}".rstrip(": ")
     if code in ("unauthenticated", "permission_denied") or status in (401, 403):
         return AuthDead(f"{text} (log in to kimi.com again and update the account's token)")
     if code == "resource_exhausted" or status == 429:

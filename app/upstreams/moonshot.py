@@ -24,6 +24,7 @@ from app.errors import (
     UpstreamOverloaded,
 )
 from app.pool.account import Account
+from app.redact import redact
 from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Finish, Thread, Usage
 from app.upstreams.http import TRANSPORT_ERRORS
 
@@ -90,7 +91,7 @@ def classify(status: int, body: bytes, headers: Any, now: float) -> UpstreamErro
         return UpstreamBadRequest(message, status=404, type="invalid_request_error", code="model_not_found")
     if 400 <= status < 500:
         return UpstreamBadRequest(message, status=status, type=kind or "invalid_request_error")
-    return Transient(f"Moonshot upstream error (HTTP {status}): {message[:200]}")
+    return Transient(f"Moonshot upstream error (HTTP {status}): {redact(message)[:200]}")
 
 
 def _window(message: str) -> tuple[str | None, int | None]:
