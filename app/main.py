@@ -80,6 +80,7 @@ async def import_accounts(db: Database, settings: Settings, clock: Clock) -> Non
     config = load_accounts_toml(settings.accounts_file)
     async with db.session() as session, session.begin():
         await import_config(session, config, clock.time())
+    await db.scrub()  # an account's key may have been replaced
     log.info("imported %d account(s) and %d alias(es) from %s", len(config.accounts), len(config.aliases),
              settings.accounts_file)
 
