@@ -24,6 +24,10 @@ QUOTED = f"key {API_KEY} with token {JWT}; client {CLIENT_KEY}; header Authoriza
 LEAKS = (API_KEY[:10], JWT[:12], JWT.split(".")[2], CLIENT_KEY[:10], "opaque.session.value")
 
 
+def database_bytes(directory: Path) -> bytes:
+    return b"".join(p.read_bytes() for p in directory.glob("kimi-pool.db*"))
+
+
 def assert_clean(text: str) -> None:
     for leak in LEAKS:
         assert leak not in text, f"{leak} leaked into: {text}"
@@ -59,7 +63,7 @@ async def test_credentials_quoted_by_upstream_errors_are_redacted_everywhere(
         listed = capsys.readouterr().out
         assert "Invalid Authentication" in listed
         assert_clean(listed)
-        stored = b"".join(p.read_bytes() for p in tmp_path.glob("kimi-pool.db*"))
+        stored = await asyncio.to_thread(database_bytes, tmp_path)
         assert b"Invalid Authentication" in stored
         assert_clean(stored.decode("latin-1"))
     assert_clean("\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records))

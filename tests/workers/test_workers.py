@@ -251,7 +251,7 @@ async def test_a_kimi_web_conversation_continues_one_upstream_chat_whichever_wor
         token = mint_jwt(emulator.config.users[0], now=time.time())
         accounts = f'[[accounts]]\nname = "web-1"\nkind = "kimi-web"\ntoken = "{token}"\nbase_url = "{emulator_url}"\n'
         async with gateway_process(tmp_path, emulator_url, "--workers", "2", accounts=accounts,
-                                   ready=READY, master_key=master_key) as (process, url, log):
+                                   ready=READY) as (process, url, log):
             messages: list[dict[str, str]] = []
             for turn in range(1, 17):  # each turn on a connection of its own
                 messages.append({"role": "user", "content": f"question {turn}"})
