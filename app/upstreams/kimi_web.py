@@ -32,7 +32,7 @@ from app.pool.account import Account
 from app.redact import redact
 from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Finish, Thread
 from app.upstreams.connect import EnvelopeReader, FramingError, envelope
-from app.upstreams.http import TRANSPORT_ERRORS
+from app.upstreams.http import TRANSPORT_ERRORS, send
 from app.upstreams.transcript import flatten
 
 log = logging.getLogger("kimi_pool.kimi_web")
@@ -170,8 +170,8 @@ class KimiWebUpstream:
         url = account.spec.effective_base_url() + CHAT_PATH
         reader = EnvelopeReader()
         try:
-            async with self._session.post(url, data=body, headers=self._headers(account, "application/connect+json"),
-                                          proxy=account.spec.proxy) as response:
+            async with await send(self._session, "POST", url, account.name, data=body, proxy=account.spec.proxy,
+                                  headers=self._headers(account, "application/connect+json")) as response:
                 if response.status != 200:
                     raise await _unary_error(response)
                 async for data in response.content.iter_any():
@@ -287,8 +287,8 @@ class KimiWebUpstream:
         url = account.spec.effective_base_url() + path
         try:
             headers = self._headers(account, "application/json")
-            async with self._session.post(url, data=orjson.dumps(body), headers=headers, proxy=account.spec.proxy,
-                                          timeout=UNARY_TIMEOUT) as response:
+            async with await send(self._session, "POST", url, account.name, data=orjson.dumps(body), headers=headers,
+                                  proxy=account.spec.proxy, timeout=UNARY_TIMEOUT) as response:
                 if response.status != 200:
                     raise await _unary_error(response)
                 return orjson.loads(await response.read())

@@ -7,7 +7,7 @@ pick the window and the seconds to wait.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import aiohttp
@@ -26,7 +26,7 @@ from app.errors import (
 from app.pool.account import Account
 from app.redact import redact
 from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Finish, Thread, Usage
-from app.upstreams.http import TRANSPORT_ERRORS
+from app.upstreams.http import TRANSPORT_ERRORS, send
 
 PASSTHROUGH = (
     "temperature", "top_p", "n", "presence_penalty", "frequency_penalty", "stop", "tools", "tool_choice",
@@ -159,16 +159,17 @@ class MoonshotUpstream:
             body = b""
         return classify(response.status, body, response.headers, self._clock.time())
 
-    def _post(self, account: Account, request: ChatRequest, model: str, stream: bool) -> Any:
-        """The chat completion request, as an ``async with`` context giving the response."""
-        return self._session.post(
-            f"{account.spec.effective_base_url()}/chat/completions", data=self._body(request, model, stream),
-            headers=self._headers(account, stream), proxy=account.spec.proxy)
+    def _post(self, account: Account, request: ChatRequest, model: str,
+              stream: bool) -> Awaitable[aiohttp.ClientResponse]:
+        """The chat completion request, giving the response (to use as ``async with``)."""
+        return send(self._session, "POST", f"{account.spec.effective_base_url()}/chat/completions", account.name,
+                    data=self._body(request, model, stream), headers=self._headers(account, stream),
+                    proxy=account.spec.proxy)
 
-    async def _read(self, sending: Any) -> bytes:
+    async def _read(self, sending: Awaitable[aiohttp.ClientResponse]) -> bytes:
         """The body of a 200 answer; anything else raised as its classified error."""
         try:
-            async with sending as response:
+            async with await sending as response:
                 if response.status != 200:
                     raise await self._fail(response)
                 return await response.read()
@@ -197,7 +198,7 @@ class MoonshotUpstream:
         finished = False
         pending = b""
         try:
-            async with self._post(account, request, model, True) as response:
+            async with await self._post(account, request, model, True) as response:
                 if response.status != 200:
                     raise await self._fail(response)
                 async for data in response.content.iter_any():
@@ -254,8 +255,8 @@ class MoonshotUpstream:
         account out of credit (``available_balance <= 0``) from one that can take requests."""
         url = f"{account.spec.effective_base_url()}/users/me/balance"
         headers = {"Authorization": f"Bearer {account.secret}", "Accept": "application/json"}
-        raw = await self._read(self._session.get(url, headers=headers, proxy=account.spec.proxy,
-                                                 timeout=PROBE_TIMEOUT))
+        raw = await self._read(send(self._session, "GET", url, account.name, headers=headers,
+                                    proxy=account.spec.proxy, timeout=PROBE_TIMEOUT))
         try:
             balance = float(orjson.loads(raw)["data"]["available_balance"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
