@@ -91,6 +91,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
     them once everything is up, leases them accounts from its pool, and stops them first at shutdown."""
     clock = clock or SystemClock()
     ids = Ids()
+    auth = Authenticator(settings.master_key)  # the store sync gives it the client keys
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -101,7 +102,6 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         writer = WriteBehind(db, clock=clock, interval=settings.flush_interval)
         writer.start()
         pool = Pool(clock, interactive_share=settings.interactive_share)
-        auth = Authenticator(settings.master_key)
 
         def persist(account: Account) -> None:
             if account.state != "disabled":
@@ -186,4 +186,4 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         exception_handlers={KimiPoolError: handle_kimi_pool_error, HTTPException: handle_http_exception},
         lifespan=lifespan,
     )
-    return FrontDoor(app, ids)
+    return FrontDoor(app, auth, ids)

@@ -8,6 +8,7 @@ from starlette.applications import Starlette
 from starlette.datastructures import State
 from starlette.types import Receive, Scope, Send
 
+from app.api.auth import Authenticator
 from app.api.ids import Ids
 from app.api.loopback import turned_away
 
@@ -15,8 +16,9 @@ CHAT_PATH = "/v1/chat/completions"
 
 
 class FrontDoor:
-    def __init__(self, app: Starlette, ids: Ids) -> None:
+    def __init__(self, app: Starlette, auth: Authenticator, ids: Ids) -> None:
         self.app = app
+        self._auth = auth
         self._ids = ids
 
     @property
@@ -25,12 +27,11 @@ class FrontDoor:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            state = self.app.state
-            if state.gateway.auth.open and (refused := turned_away(scope, self._ids)) is not None:
+            if self._auth.open and (refused := turned_away(scope, self._ids)) is not None:
                 await refused(scope, receive, send)
                 return
             if scope["path"] == CHAT_PATH and scope["method"] == "POST":
-                await state.chat(scope, receive, send)
+                await self.app.state.chat(scope, receive, send)
                 return
         await self.app(scope, receive, send)
 

@@ -59,17 +59,19 @@ class WorkerFront:
     its next reload), and the keeper answers a bad key with the same 401 as the worker would.
     While the gateway is open, the rules of ``app.api.loopback`` come first, as in ``FrontDoor``."""
 
-    def __init__(self, app: Starlette) -> None:
+    def __init__(self, app: Starlette, auth: Authenticator, ids: Ids) -> None:
         self.app = app
+        self._auth = auth
+        self._ids = ids
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             state = self.app.state
-            if state.auth.open and (refused := turned_away(scope, state.ids)) is not None:  # as the keeper would
+            if self._auth.open and (refused := turned_away(scope, self._ids)) is not None:  # as the keeper would
                 await refused(scope, receive, send)
                 return
             if (scope["path"] == CHAT_PATH and scope["method"] == "POST" and header(scope, b"idempotency-key") is None
-                    and state.auth.knows(Headers(scope=scope))):
+                    and self._auth.knows(Headers(scope=scope))):
                 await state.chat(scope, receive, send)
             else:
                 await state.forward(scope, receive, send)
@@ -81,12 +83,13 @@ def create_worker_app(settings: Settings, *, runtime: str, index: int, clock: Cl
                       transport: aiohttp.BaseConnector | None = None) -> WorkerFront:
     """A worker's app, leasing from the keeper whose sockets are in the directory ``runtime``."""
     clock = clock or SystemClock()
+    auth = Authenticator(settings.master_key)  # the store sync gives it the client keys
+    ids = Ids()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         db = Database(settings.db_url)
         accounts = Pool(clock)  # this worker's copy of the accounts: never scheduled on
-        auth = Authenticator(settings.master_key)
         sync = AccountSync(db, accounts, auth, clock, quiet=True)
         await sync.load()
         link = KeeperLink(on_reload=sync.load, on_lost=_keeper_lost)
@@ -99,10 +102,8 @@ def create_worker_app(settings: Settings, *, runtime: str, index: int, clock: Cl
                                 observers=(AccessLog(worker=index), RemoteObserver(link)))
         forward = Forwarder(os.path.join(runtime, HTTP_SOCKET))
         forward.start()
-        app.state.ids = ids = Ids()
         app.state.chat = ChatCompletions(settings, clock, auth, dispatcher, ids, None)
         app.state.forward = forward
-        app.state.auth = auth
         gc.collect()
         gc.freeze()
         hello(link, index)
@@ -115,7 +116,7 @@ def create_worker_app(settings: Settings, *, runtime: str, index: int, clock: Cl
             link.close()  # sends what is queued (the last usage records) first
             await db.dispose()
 
-    return WorkerFront(Starlette(lifespan=lifespan))
+    return WorkerFront(Starlette(lifespan=lifespan), auth, ids)
 
 
 def _keeper_lost() -> None:
