@@ -80,8 +80,9 @@ def validate_name(name: str) -> str:
 
 
 def validate_url(value: str, what: str, schemes: tuple[str, ...] = ("http", "https"), *,
-                 param: str | None = None) -> str:
-    """A URL of one of ``schemes`` with a host; the error shows it with any credentials masked."""
+                 param: str | None = None, credentials: bool = False) -> str:
+    """A URL of one of ``schemes`` with a host, no spaces or control characters and, unless
+    ``credentials``, no ``user:password@``; the error shows it with any credentials masked."""
     try:
         parts = urlsplit(value) if isinstance(value, str) else None
     except ValueError:  # e.g. an unclosed IPv6 bracket
@@ -89,11 +90,21 @@ def validate_url(value: str, what: str, schemes: tuple[str, ...] = ("http", "htt
     shown = repr(mask_url(value) if isinstance(value, str) else value)
     if parts is None or parts.scheme not in schemes or not parts.hostname:
         raise ConfigError(f"bad {what} {shown}: expected a {'/'.join(schemes)} URL with a host", param=param)
+    if not printable(value):
+        raise ConfigError(f"bad {what} {shown}: it has a space or a control character in it", param=param)
+    if "@" in parts.netloc and not credentials:
+        raise ConfigError(f"bad {what} {shown}: a user or password in it is not allowed (it would be stored and "
+                          "sent in clear; the account's key or token is its credential)", param=param)
     try:
         parts.port  # noqa: B018 - raises on a bad port
     except ValueError as exc:
         raise ConfigError(f"bad {what} {shown}: {exc}", param=param) from None
     return value
+
+
+def printable(text: str) -> bool:
+    """No whitespace and no control character anywhere (what a key, a token or a URL never holds)."""
+    return text.isprintable() and not any(c.isspace() for c in text)
 
 
 def validate_limit(name: str, value: Any, *, param: str | None = None) -> int | None:
@@ -139,6 +150,9 @@ def make_account_spec(
                           param="secret")
     if secret and secret.startswith("env:") and not re.fullmatch(r"env:[A-Za-z_][A-Za-z0-9_]*", secret):
         raise ConfigError(f"account {name}: bad secret reference {secret!r} (expected env:VARIABLE)", param="secret")
+    if secret is not None and not printable(secret):
+        raise ConfigError(f"account {name}: the secret has a space or a control character in it (a line break "
+                          "pasted with it?)", param="secret")
     if kind == "kimi-web" and secret and not secret.startswith("env:"):
         try:
             read_token(secret)
@@ -146,8 +160,8 @@ def make_account_spec(
             raise ConfigError(f"account {name}: {exc.message}", param="secret") from None
     if base_url is not None:
         validate_url(base_url, f"base URL for account {name}", param="base_url")
-    if proxy is not None:
-        validate_url(proxy, f"proxy for account {name}", param="proxy")
+    if proxy is not None:  # an egress proxy may need its own login: allowed, and masked wherever it is shown
+        validate_url(proxy, f"proxy for account {name}", param="proxy", credentials=True)
     if not isinstance(models, list | tuple) or not all(isinstance(m, str) and _MODEL.match(m) for m in models):
         raise ConfigError(f"account {name}: models must be a list of model ids, not {models!r}", param="models")
     if not isinstance(enabled, bool):
@@ -206,6 +220,8 @@ def resolve_secret(secret: str | None, env: Mapping[str, str] | None = None) -> 
     value = env.get(var)
     if not value:
         raise ConfigError(f"the secret reference env:{var} points at an unset environment variable")
+    if not printable(value):
+        raise ConfigError(f"the secret in env:{var} has a space or a control character in it (a line break?)")
     return value
 
 

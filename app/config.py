@@ -6,6 +6,7 @@ What an operator declares about accounts and model aliases (``accounts.toml``, C
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -114,4 +115,14 @@ class Settings:
 
 
 def is_loopback(host: str) -> bool:
-    return host in ("localhost", "::1") or host.startswith("127.")
+    """Whether ``host`` (a name or an address, an IPv6 one with or without brackets) is this machine's
+    loopback: ``localhost``, ``127.0.0.0/8`` or ``::1``. Parsed, never matched by prefix, so
+    ``127.evil.example`` is not."""
+    if host.lower() == "localhost":
+        return True
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

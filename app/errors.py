@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import math
 
+from app.redact import redact
+
 
 class KimiPoolError(Exception):
     status: int = 500
@@ -32,7 +34,8 @@ class KimiPoolError(Exception):
         return {}
 
     def body(self) -> dict[str, object]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        """The OpenAI error object; the message is redacted (``app.redact``): it may quote an upstream."""
+        return {"error": {"message": redact(self.message), "type": self.type, "param": self.param, "code": self.code}}
 
 
 # --- client-facing ------------------------------------------------------------------------------
@@ -195,6 +198,11 @@ class UpstreamError(KimiPoolError):
     type = "upstream_error"
     code: str | None = "upstream_error"
     retryable = True
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None) -> None:
+        # adapters build messages from upstream bodies, which may quote a credential: redacted here,
+        # once, before the message becomes an account's reason, a log line or a client's error
+        super().__init__(redact(message), param=param, code=code)
 
 
 class AuthDead(UpstreamError):

@@ -83,6 +83,7 @@ async def import_accounts(db: Database, settings: Settings, clock: Clock) -> Non
     config = load_accounts_toml(settings.accounts_file)
     async with db.session() as session, session.begin():
         await import_config(session, config, clock.time())
+    await db.scrub()  # an account's key may have been replaced
     log.info("imported %d account(s) and %d alias(es) from %s", len(config.accounts), len(config.aliases),
              settings.accounts_file)
 
@@ -96,6 +97,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
     clock = clock or SystemClock()
     shutdown = shutdown or Shutdown()
     ids = Ids()
+    auth = Authenticator(settings.master_key)  # the store sync gives it the client keys
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -107,7 +109,6 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         writer.start()
         app.state.sealer = Sealer(await server_secret(db, KEY_NAME, Sealer.new_key(), clock.time()))
         pool = Pool(clock, interactive_share=settings.interactive_share)
-        auth = Authenticator(settings.master_key)
 
         def persist(account: Account) -> None:
             if account.state != "disabled":
@@ -192,4 +193,4 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         exception_handlers={KimiPoolError: handle_kimi_pool_error, HTTPException: handle_http_exception},
         lifespan=lifespan,
     )
-    return FrontDoor(app, shutdown)
+    return FrontDoor(app, auth, ids, shutdown)

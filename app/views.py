@@ -2,7 +2,8 @@
 
 One function per kind of row, shared by both, so a field means the same thing wherever it is read.
 Secrets never leave here unmasked: an account's key is ``mask_secret``-ed, credentials in its URLs
-are replaced by ``***``, a client key is shown by its prefix (the key itself is not stored).
+are replaced by ``***``, a client key is shown by its prefix (the key itself is not stored), and
+reasons are redacted (a row written before reasons were redacted on the way in may quote a key).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from app.accounts_config import mask_secret, mask_url
 from app.catalogue import Catalogue
 from app.errors import ConfigError
 from app.kimi_auth import read_token
+from app.redact import redact_optional
 from app.store.models import AccountRow, ClientKeyRow, HealthEventRow, SessionRow
 from app.store.repository import AccountRepository, AliasRepository
 from app.store.usage import UsageLine
@@ -31,7 +33,7 @@ def account_view(row: AccountRow) -> dict[str, Any]:
         "state": row.state if row.enabled else "disabled",
         "runtime_state": row.state,
         "until": row.state_until if row.enabled else None,
-        "reason": row.state_reason if row.enabled else row.disabled_reason,
+        "reason": redact_optional(row.state_reason if row.enabled else row.disabled_reason),
         "base_url": mask_url(row.base_url),
         "models": list(row.models or ()),
         "rpm": row.rpm,
@@ -70,7 +72,7 @@ def session_view(row: SessionRow, now: float) -> dict[str, Any]:
 def event_view(row: HealthEventRow) -> dict[str, Any]:
     """An account's state transition: when, to which state, until when, and why."""
     return {"id": row.id, "ts": row.ts, "account": row.account, "state": row.state, "until": row.until,
-            "reason": row.reason}
+            "reason": redact_optional(row.reason)}
 
 
 def usage_numbers(line: UsageLine) -> dict[str, Any]:

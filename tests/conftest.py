@@ -184,16 +184,19 @@ async def read_until(stream: asyncio.StreamReader, marker: str, seen: list[str])
 
 @contextlib.asynccontextmanager
 async def gateway_process(tmp_path: Path, emulator_url: str, *args: str, accounts: str | None = None,
-                          ready: str = "Application startup complete") -> AsyncIterator[tuple[
-        asyncio.subprocess.Process, str, list[str]]]:
+                          ready: str = "Application startup complete", master_key: str | None = MASTER_KEY,
+                          ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str, list[str]]]:
     """``kimi-pool serve ARGS`` in a child process with ``accounts`` (default: one account on the
-    emulator); yields the process, its URL and the log lines read so far (up to ``ready``)."""
+    emulator); yields the process, its URL and the log lines read so far (up to ``ready``).
+    ``master_key`` None: an open gateway (no key in its environment)."""
     toml = tmp_path / "accounts.toml"
     toml.write_text(accounts if accounts is not None else
                     f'[[accounts]]\nname = "acct-1"\nkind = "moonshot"\napi_key = "sk-emu-0001"\n'
                     f'base_url = "{emulator_url}/v1"\n')
     port = free_port()
-    env = {**os.environ, "KIMI_POOL_MASTER_KEY": MASTER_KEY}
+    env = {k: v for k, v in os.environ.items() if k not in ("KIMI_POOL_MASTER_KEY", "API_MASTER_KEY")}
+    if master_key is not None:
+        env["KIMI_POOL_MASTER_KEY"] = master_key
     process = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "app", "--db", f"sqlite+aiosqlite:///{tmp_path}/kimi-pool.db", "serve",
         "--port", str(port), "--accounts", str(toml), *args,

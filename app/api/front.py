@@ -1,5 +1,6 @@
 """The outermost ASGI app: the chat hot path goes straight to its handler; everything else
-(other routes, preflight, lifespan) goes through the Starlette application and its middleware."""
+(other routes, preflight, lifespan) goes through the Starlette application and its middleware.
+While the gateway is open (no key at all), every request must first pass ``app.api.loopback``."""
 
 from __future__ import annotations
 
@@ -11,6 +12,9 @@ from starlette.applications import Starlette
 from starlette.datastructures import State
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app.api.auth import Authenticator
+from app.api.ids import Ids
+from app.api.loopback import turned_away
 from app.shutdown import Shutdown
 
 CHAT_PATH = "/v1/chat/completions"
@@ -18,8 +22,10 @@ log = logging.getLogger("kimi_pool.api")
 
 
 class FrontDoor:
-    def __init__(self, app: Starlette, shutdown: Shutdown | None = None) -> None:
+    def __init__(self, app: Starlette, auth: Authenticator, ids: Ids, shutdown: Shutdown | None = None) -> None:
         self.app = app
+        self._auth = auth
+        self._ids = ids
         self.shutdown = shutdown or Shutdown()
 
     @property
@@ -28,6 +34,9 @@ class FrontDoor:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            if self._auth.open and (refused := turned_away(scope, self._ids)) is not None:
+                await refused(scope, receive, send)
+                return
             if scope["path"] == CHAT_PATH and scope["method"] == "POST":
                 await self.app.state.chat(scope, receive, send)
             else:

@@ -117,7 +117,7 @@ def accounts_enable(ctx: typer.Context, name: Annotated[str, typer.Argument(show
 @accounts_app.command("remove")
 def accounts_remove(ctx: typer.Context, name: Annotated[str, typer.Argument(show_default=False)]) -> None:
     """Delete an account. Its usage history is kept."""
-    _in_db(ctx, lambda session, _now: AccountRepository(session).remove(name))
+    _in_db(ctx, lambda session, _now: AccountRepository(session).remove(name), scrub=True)
     typer.echo(f"removed account {name}")
 
 
@@ -133,7 +133,7 @@ def accounts_import(
     async def upsert_all(session: AsyncSession, now: float) -> list[str]:
         return list(await import_config(session, config, now))
 
-    results = _in_db(ctx, upsert_all)
+    results = _in_db(ctx, upsert_all, scrub=True)  # an updated account may have had its key replaced
     counts = ", ".join(f"{results.count(what)} {what}" for what in ("created", "updated", "unchanged"))
     aliases = f"; {len(config.aliases)} alias(es)" if config.aliases else ""
     typer.echo(f"imported {path}: {counts}{aliases}")

@@ -36,8 +36,10 @@ def cli_state(ctx: typer.Context) -> CliState:
     return state
 
 
-def in_db(ctx: typer.Context, work: Callable[[AsyncSession, float], Awaitable[_T]]) -> _T:
-    """Open the database, bring its schema up to date, run ``work`` in one transaction, close."""
+def in_db(ctx: typer.Context, work: Callable[[AsyncSession, float], Awaitable[_T]], *, scrub: bool = False) -> _T:
+    """Open the database, bring its schema up to date, run ``work`` in one transaction, close.
+    ``scrub``: the work removed or replaced a secret; truncate the WAL afterwards (``Database.scrub``),
+    which a running server's open connections would otherwise keep."""
     state = cli_state(ctx)
 
     async def main() -> _T:
@@ -45,7 +47,10 @@ def in_db(ctx: typer.Context, work: Callable[[AsyncSession, float], Awaitable[_T
         try:
             await database.upgrade()
             async with database.session() as session, session.begin():
-                return await work(session, state.clock.time())
+                result = await work(session, state.clock.time())
+            if scrub:
+                await database.scrub()
+            return result
         finally:
             await database.dispose()
 

@@ -175,6 +175,12 @@ class Pool:
         at = self.next_free_time(model, cost, needs=needs)
         return None if at is None else max(0.0, at - self._clock.time())
 
+    def ready(self, model: str) -> int:
+        """How many accounts could take a request for ``model`` now: active, with a free slot and room
+        in their windows (``/v1/pool/status`` shows it to client keys)."""
+        now = self._clock.time()
+        return sum(1 for account in list(self._accounts.values()) if self._fits(account, model, frozenset(), now, 0))
+
     # --- scheduling ----------------------------------------------------------------------------
 
     def acquire(self, model: str, cost: int = 0, exclude: frozenset[str] | set[str] = frozenset(), *,

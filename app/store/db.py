@@ -2,13 +2,22 @@
 
 ``Database(url)`` works on SQLite (``sqlite+aiosqlite:///path``) and PostgreSQL
 (``postgresql+asyncpg://...``). SQLite gets its parent directory created and, on every new
-connection, WAL journaling, ``synchronous=NORMAL``, a 5 s busy timeout and foreign keys.
-Every failure to understand the URL or to reach the database is a one-line ``ConfigError``.
+connection, WAL journaling, ``synchronous=NORMAL``, a 5 s busy timeout, foreign keys and
+``secure_delete`` (deleted rows are overwritten, so a removed account's key does not linger in free
+pages). Every failure to understand the URL or to reach the database is a one-line ``ConfigError``.
+
+The SQLite file holds account secrets in clear (unless given as ``env:VAR``), so it is created
+owner-only (0600; SQLite gives its ``-wal`` and ``-shm`` files the database file's mode), and an
+existing one, with its companions, is tightened to 0600 when it is opened. ``scrub`` checkpoints
+the WAL and truncates it, for after a secret was removed or replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
+import os
+import stat
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,7 +50,13 @@ _SQLITE_PRAGMAS = (
     "PRAGMA synchronous=NORMAL",
     "PRAGMA busy_timeout=5000",
     "PRAGMA foreign_keys=ON",
+    "PRAGMA secure_delete=ON",
 )
+PRIVATE = 0o600
+"""The mode of the database file and its companions: they hold account secrets."""
+COMPANIONS = ("-wal", "-shm", "-journal")
+
+log = logging.getLogger("kimi_pool.store")
 
 
 def migrations_dir() -> Path:
@@ -118,6 +133,16 @@ class Database:
             except SQLAlchemyError as exc:
                 raise ConfigError(f"cannot read {self.display_url}: {_reason(exc)}") from None
 
+    async def scrub(self) -> bool:
+        """Copy the WAL into the database and truncate it (SQLite; elsewhere a no-op), so that what was
+        deleted or overwritten (with ``secure_delete``, zeroed in the database) is gone from the files
+        too. False if a reader kept the checkpoint from finishing; the next one will."""
+        if not self.is_sqlite:
+            return True
+        async with self._connect() as connection:
+            busy = (await connection.execute(text("PRAGMA wal_checkpoint(TRUNCATE)"))).first()
+        return busy is None or not busy[0]
+
     async def dispose(self) -> None:
         await self.engine.dispose()
 
@@ -141,18 +166,41 @@ def _parse_url(url: str) -> URL:
 
 
 def _prepare_sqlite_path(url: URL) -> bool:
-    """Create the database file's directory; return True for an in-memory database."""
+    """Create the database file's directory, and the file itself owner-only (or tighten an existing
+    one and its companions to owner-only); return True for an in-memory database."""
     database = url.database or ""
     if database in ("", ":memory:") or url.query.get("mode") == "memory":
         return True
     if database.startswith("file:"):  # a URI filename: leave it to SQLite
         return False
-    parent = Path(database).expanduser().parent
+    path = Path(database).expanduser()
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
-        raise ConfigError(f"cannot create the database directory {parent}: {exc.strerror or exc}") from None
+        raise ConfigError(f"cannot create the database directory {path.parent}: {exc.strerror or exc}") from None
+    _make_private(path)
     return False
+
+
+def _make_private(path: Path) -> None:
+    """Create ``path`` empty with mode 0600 if it is missing (an empty file is an empty SQLite
+    database); else take group and other permissions off it and off its ``-wal``/``-shm``/``-journal``."""
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, PRIVATE))
+        return
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise ConfigError(f"cannot create the database {path}: {exc.strerror or exc}") from None
+    for each in (path, *(path.with_name(path.name + suffix) for suffix in COMPANIONS)):
+        try:
+            mode = stat.S_IMODE(each.stat().st_mode)
+            if mode & 0o077 and each.is_file():
+                each.chmod(mode & 0o700)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:  # not ours to change: serve anyway, but say so
+            log.warning("%s is readable by other users and cannot be made private: %s", each, exc.strerror or exc)
 
 
 def _sqlite_on_connect(dbapi_connection: Any, _record: Any) -> None:

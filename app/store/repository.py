@@ -2,7 +2,8 @@
 
 They flush (so constraint problems surface where they happen) but never commit: the caller owns
 the transaction, e.g. ``async with db.session() as s, s.begin(): await AccountRepository(s).add(...)``.
-Times are passed in (``now``) from the injected clock.
+Times are passed in (``now``) from the injected clock. A state's or a health event's ``reason`` is
+redacted (``app.redact``) on its way in: it may quote what an upstream answered.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.accounts_config import AccountSpec, AliasSpec, ConfigFile
 from app.errors import ConfigError
 from app.kimi_auth import check_fresh
+from app.redact import redact_optional
 from app.store.models import (
     AccountRow,
     ClientKeyRow,
@@ -100,7 +102,7 @@ class AccountRepository:
             row.disabled_reason = None
             _revive(row)
         else:
-            row.disabled_reason = reason
+            row.disabled_reason = redact_optional(reason)
         _touch(row, now)
         await self._session.flush()
         return row
@@ -114,7 +116,7 @@ class AccountRepository:
         result = await self._session.execute(
             update(AccountRow)
             .where(AccountRow.name == name)
-            .values(state=state, state_until=until, state_reason=reason)
+            .values(state=state, state_until=until, state_reason=redact_optional(reason))
             .execution_options(synchronize_session=False)
         )
         return bool(cast(CursorResult[Any], result).rowcount)
@@ -124,7 +126,7 @@ class AccountRepository:
         """Runtime state set by an operator's action (a probe): unlike ``save_state`` it bumps
         ``config_rev``, so a running server reloads the account and adopts the state."""
         row = await self.get(name)
-        row.state, row.state_until, row.state_reason = state, until, reason
+        row.state, row.state_until, row.state_reason = state, until, redact_optional(reason)
         _touch(row, now)
         await self._session.flush()
         return row
@@ -274,12 +276,14 @@ class HealthRepository:
 
     async def add(self, account: str, state: str, until: float | None, reason: str | None,
                   now: float) -> None:
-        self._session.add(HealthEventRow(ts=now, account=account, state=state, until=until, reason=reason))
+        self._session.add(HealthEventRow(ts=now, account=account, state=state, until=until,
+                                         reason=redact_optional(reason)))
         await self._session.flush()
 
     async def add_many(self, changes: Sequence[StateChange]) -> None:
         if changes:
-            await self._session.execute(insert(HealthEventRow), [dataclasses.asdict(c) for c in changes])
+            await self._session.execute(insert(HealthEventRow), [
+                {**dataclasses.asdict(c), "reason": redact_optional(c.reason)} for c in changes])
 
     async def recent(self, limit: int = 50, account: str | None = None) -> Sequence[HealthEventRow]:
         """The latest events first, optionally for one account."""

@@ -28,8 +28,9 @@ import orjson
 from app.clock import Clock
 from app.errors import AuthDead, RateLimited, Transient, Unsuitable, UpstreamBadRequest
 from app.pool.account import Account
+from app.redact import redact
 from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Finish, Thread
-from app.upstreams.http import TRANSPORT_ERRORS
+from app.upstreams.http import TRANSPORT_ERRORS, send
 from app.upstreams.transcript import flatten
 
 SITE_MODELS = {
@@ -133,8 +134,8 @@ class KimiAiChatUpstream:
         base = account.spec.effective_base_url()
         slot.fetches += 1
         try:
-            async with self._session.get(f"{base}/chat/", headers=self._page_headers(base),
-                                         proxy=account.spec.proxy, timeout=PAGE_TIMEOUT) as response:
+            async with await send(self._session, "GET", f"{base}/chat/", account.name, headers=self._page_headers(base),
+                                  proxy=account.spec.proxy, timeout=PAGE_TIMEOUT) as response:
                 html = await response.text(errors="replace")
                 status = response.status
         except TRANSPORT_ERRORS as exc:
@@ -182,8 +183,8 @@ class KimiAiChatUpstream:
             "Referer": f"{base}/chat/",
         }
         try:
-            async with self._session.post(f"{base}/wp-admin/admin-ajax.php", data=form, headers=headers,
-                                          proxy=account.spec.proxy) as response:
+            async with await send(self._session, "POST", f"{base}/wp-admin/admin-ajax.php", account.name, data=form,
+                                  headers=headers, proxy=account.spec.proxy) as response:
                 status = response.status
                 body = await response.read()
         except TRANSPORT_ERRORS as exc:
@@ -214,7 +215,7 @@ class KimiAiChatUpstream:
                 return message
             raise Transient("kimi-ai.chat answered success without a message")
         why = data.get("data")
-        why = why if isinstance(why, str) else orjson.dumps(why).decode()
+        why = redact(why if isinstance(why, str) else orjson.dumps(why).decode())  # before it is cut to 200
         if _THROTTLE.search(why):
             raise RateLimited(f"kimi-ai.chat throttled this account: {why[:200]}", retry_after=THROTTLE_COOLDOWN)
         if _TOO_LONG.search(why):

@@ -29,9 +29,10 @@ from app.clock import Clock
 from app.errors import AuthDead, ConfigError, RateLimited, Transient, UpstreamBadRequest, UpstreamError
 from app.kimi_auth import TokenInfo, read_token
 from app.pool.account import Account
+from app.redact import redact
 from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Finish, Thread
 from app.upstreams.connect import EnvelopeReader, FramingError, envelope
-from app.upstreams.http import TRANSPORT_ERRORS
+from app.upstreams.http import TRANSPORT_ERRORS, send
 from app.upstreams.transcript import flatten
 
 log = logging.getLogger("kimi_pool.kimi_web")
@@ -81,7 +82,7 @@ def scenario_of(model: str) -> tuple[str, bool]:
 
 def classify(code: str | None, message: str | None, status: int = 200) -> UpstreamError:
     """A Connect error (code, message; the HTTP status for unary or pre-stream errors) → the closed set."""
-    text = f"kimi.com: {code or f'HTTP {status}'}: {(message or '').strip()[:200]}".rstrip(": ")
+    text = f"kimi.com: {code or f'HTTP {status}'}: {redact((message or '').strip())[:200]}".rstrip(": ")
     if code in ("unauthenticated", "permission_denied") or status in (401, 403):
         return AuthDead(f"{text} (log in to kimi.com again and update the account's token)")
     if code == "resource_exhausted" or status == 429:
@@ -169,8 +170,8 @@ class KimiWebUpstream:
         url = account.spec.effective_base_url() + CHAT_PATH
         reader = EnvelopeReader()
         try:
-            async with self._session.post(url, data=body, headers=self._headers(account, "application/connect+json"),
-                                          proxy=account.spec.proxy) as response:
+            async with await send(self._session, "POST", url, account.name, data=body, proxy=account.spec.proxy,
+                                  headers=self._headers(account, "application/connect+json")) as response:
                 if response.status != 200:
                     raise await _unary_error(response)
                 async for data in response.content.iter_any():
@@ -286,8 +287,8 @@ class KimiWebUpstream:
         url = account.spec.effective_base_url() + path
         try:
             headers = self._headers(account, "application/json")
-            async with self._session.post(url, data=orjson.dumps(body), headers=headers, proxy=account.spec.proxy,
-                                          timeout=UNARY_TIMEOUT) as response:
+            async with await send(self._session, "POST", url, account.name, data=orjson.dumps(body), headers=headers,
+                                  proxy=account.spec.proxy, timeout=UNARY_TIMEOUT) as response:
                 if response.status != 200:
                     raise await _unary_error(response)
                 return orjson.loads(await response.read())

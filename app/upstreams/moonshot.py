@@ -7,7 +7,7 @@ pick the window and the seconds to wait.
 from __future__ import annotations
 
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 
 import aiohttp
@@ -26,8 +26,9 @@ from app.errors import (
 )
 from app.kimi_models import moonshot_traits
 from app.pool.account import Account
+from app.redact import redact
 from app.upstreams.base import Batch, ChatRequest, Completion, Delta, Finish, Thread, Usage
-from app.upstreams.http import TRANSPORT_ERRORS
+from app.upstreams.http import TRANSPORT_ERRORS, send
 
 PASSTHROUGH = (
     "temperature", "top_p", "presence_penalty", "frequency_penalty", "stop", "tool_choice", "response_format",
@@ -129,7 +130,7 @@ def classify(status: int | None, body: bytes, headers: Any, now: float) -> Upstr
         return UpstreamBadRequest(message, status=404, type="invalid_request_error", code="model_not_found")
     if 400 <= status < 500:
         return UpstreamBadRequest(message, status=status, type=kind or "invalid_request_error")
-    return Transient(f"Moonshot upstream error (HTTP {status}): {message[:200]}")
+    return Transient(f"Moonshot upstream error (HTTP {status}): {redact(message)[:200]}")
 
 
 def _window(message: str) -> tuple[str | None, int | None]:
@@ -201,16 +202,17 @@ class MoonshotUpstream:
             body = b""
         return classify(response.status, body, response.headers, self._clock.time())
 
-    def _post(self, account: Account, request: ChatRequest, model: str, stream: bool) -> Any:
-        """The chat completion request, as an ``async with`` context giving the response."""
-        return self._session.post(
-            f"{account.spec.effective_base_url()}/chat/completions", data=self._body(request, model, stream),
-            headers=self._headers(account, stream), proxy=account.spec.proxy)
+    def _post(self, account: Account, request: ChatRequest, model: str,
+              stream: bool) -> Awaitable[aiohttp.ClientResponse]:
+        """The chat completion request, giving the response (to use as ``async with``)."""
+        return send(self._session, "POST", f"{account.spec.effective_base_url()}/chat/completions", account.name,
+                    data=self._body(request, model, stream), headers=self._headers(account, stream),
+                    proxy=account.spec.proxy)
 
-    async def _read(self, sending: Any) -> bytes:
+    async def _read(self, sending: Awaitable[aiohttp.ClientResponse]) -> bytes:
         """The body of a 200 answer; anything else raised as its classified error."""
         try:
-            async with sending as response:
+            async with await sending as response:
                 if response.status != 200:
                     raise await self._fail(response)
                 return await response.read()
@@ -239,7 +241,7 @@ class MoonshotUpstream:
         finished = False
         pending = b""
         try:
-            async with self._post(account, request, model, True) as response:
+            async with await self._post(account, request, model, True) as response:
                 if response.status != 200:
                     raise await self._fail(response)
                 async for data in response.content.iter_any():
@@ -298,8 +300,8 @@ class MoonshotUpstream:
         account out of credit (``available_balance <= 0``) from one that can take requests."""
         url = f"{account.spec.effective_base_url()}/users/me/balance"
         headers = {"Authorization": f"Bearer {account.secret}", "Accept": "application/json"}
-        raw = await self._read(self._session.get(url, headers=headers, proxy=account.spec.proxy,
-                                                 timeout=PROBE_TIMEOUT))
+        raw = await self._read(send(self._session, "GET", url, account.name, headers=headers,
+                                    proxy=account.spec.proxy, timeout=PROBE_TIMEOUT))
         try:
             balance = float(orjson.loads(raw)["data"]["available_balance"])
         except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):

@@ -30,6 +30,7 @@ from app.api.auth import Authenticator
 from app.api.errors import header
 from app.api.front import CHAT_PATH, answer_cut
 from app.api.ids import Ids
+from app.api.loopback import turned_away
 from app.api.openai.chat import ChatCompletions
 from app.clock import Clock, SystemClock
 from app.config import Settings
@@ -55,17 +56,23 @@ class WorkerFront:
 
     A chat request whose key this worker does not know goes to the keeper too: the key may have
     been created a moment ago through the admin API (the keeper knows it at once, a worker after
-    its next reload), and the keeper answers a bad key with the same 401 as the worker would."""
+    its next reload), and the keeper answers a bad key with the same 401 as the worker would.
+    While the gateway is open, the rules of ``app.api.loopback`` come first, as in ``FrontDoor``."""
 
-    def __init__(self, app: Starlette, shutdown: Shutdown) -> None:
+    def __init__(self, app: Starlette, auth: Authenticator, ids: Ids, shutdown: Shutdown) -> None:
         self.app = app
+        self._auth = auth
+        self._ids = ids
         self.shutdown = shutdown
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             state = self.app.state
+            if self._auth.open and (refused := turned_away(scope, self._ids)) is not None:  # as the keeper would
+                await refused(scope, receive, send)
+                return
             if (scope["path"] == CHAT_PATH and scope["method"] == "POST" and header(scope, b"idempotency-key") is None
-                    and state.auth.knows(Headers(scope=scope))):
+                    and self._auth.knows(Headers(scope=scope))):
                 await state.chat(scope, receive, send)
             else:
                 await answer_cut(state.forward, scope, receive, send, self.shutdown)
@@ -78,12 +85,13 @@ def create_worker_app(settings: Settings, *, runtime: str, index: int, clock: Cl
     """A worker's app, leasing from the keeper whose sockets are in the directory ``runtime``."""
     clock = clock or SystemClock()
     shutdown = shutdown or Shutdown()
+    auth = Authenticator(settings.master_key)  # the store sync gives it the client keys
+    ids = Ids()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         db = Database(settings.db_url)
         accounts = Pool(clock)  # this worker's copy of the accounts: never scheduled on
-        auth = Authenticator(settings.master_key)
         sync = AccountSync(db, accounts, auth, clock, quiet=True)
         await sync.load()
         link = KeeperLink(on_reload=sync.load, on_lost=_keeper_lost)
@@ -96,9 +104,8 @@ def create_worker_app(settings: Settings, *, runtime: str, index: int, clock: Cl
                                 observers=(AccessLog(worker=index), RemoteObserver(link)), shutdown=shutdown)
         forward = Forwarder(os.path.join(runtime, HTTP_SOCKET))
         forward.start()
-        app.state.chat = ChatCompletions(settings, clock, auth, dispatcher, Ids(), None, shutdown)
+        app.state.chat = ChatCompletions(settings, clock, auth, dispatcher, ids, None, shutdown)
         app.state.forward = forward
-        app.state.auth = auth
         gc.collect()
         gc.freeze()
         hello(link, index)
@@ -111,7 +118,7 @@ def create_worker_app(settings: Settings, *, runtime: str, index: int, clock: Cl
             link.close()  # sends what is queued (the last usage records) first
             await db.dispose()
 
-    return WorkerFront(Starlette(lifespan=lifespan), shutdown)
+    return WorkerFront(Starlette(lifespan=lifespan), auth, ids, shutdown)
 
 
 def _keeper_lost() -> None:

@@ -33,9 +33,9 @@ MESSAGES: Any = [{"role": "user", "content": "hello"}]
 
 @contextlib.asynccontextmanager
 async def workers(tmp_path: Path, keys: int, script: dict[str, list[dict[str, Any]]] | None = None,
-                  **limits: Any) -> AsyncIterator[tuple[Any, Any, str, list[str]]]:
+                  master_key: str | None = MASTER_KEY, **limits: Any) -> AsyncIterator[tuple[Any, Any, str, list[str]]]:
     """The emulator with ``keys`` organizations and ``serve --workers 2`` on them; yields the emulator,
-    the keeper process, the gateway URL and its log so far."""
+    the keeper process, the gateway URL and its log so far. ``master_key`` None: an open gateway."""
     emulator_app = create_moonshot_emulator(MoonshotEmulatorConfig.simple(keys=keys))
     emulator = emulator_app.state.emulator
     for key, outcomes in (script or {}).items():
@@ -43,7 +43,7 @@ async def workers(tmp_path: Path, keys: int, script: dict[str, list[dict[str, An
     async with serve(emulator_app) as emulator_url:
         accounts = accounts_toml(emulator_url, [f"sk-emu-{i:04d}" for i in range(1, keys + 1)], **limits)
         async with gateway_process(tmp_path, emulator_url, "--workers", "2", accounts=accounts,
-                                   ready=READY) as (process, url, log):
+                                   ready=READY, master_key=master_key) as (process, url, log):
             yield emulator, process, url, log
 
 
@@ -83,6 +83,22 @@ async def test_one_round_robin_and_one_set_of_rate_limits_for_all_workers(tmp_pa
         lines = await access_lines(process, log, 54)
         assert {line["worker"] for line in lines} == {"0", "1"}, "both workers served (else this proves nothing)"
         assert sum(line["status"] == "429" for line in lines) == 14
+
+
+async def test_an_open_gateway_with_workers_answers_loopback_names_and_pages_only(tmp_path: Path) -> None:
+    async with workers(tmp_path, keys=1, master_key=None) as (emulator, _process, url, _log):
+        for _ in range(8):  # a connection each: the kernel spreads them over both workers
+            async with httpx.AsyncClient(base_url=url) as http:
+                for headers in ({"Host": "rebound.example"}, {"Origin": "https://evil.example"}):
+                    refused = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES},
+                                              headers=headers)
+                    assert refused.status_code == 403, refused.text
+                    assert refused.json()["error"]["code"] in ("host_not_allowed", "origin_not_allowed")
+                    assert (await http.get("/v1/models", headers=headers)).status_code == 403
+                served = await http.post("/v1/chat/completions", json={"model": MODEL, "messages": MESSAGES},
+                                         headers={"Host": "localhost", "Origin": "http://localhost:3000"})
+                assert served.status_code == 200, served.text
+        assert emulator.snapshot()["totals"]["requests"] == 8, "only the loopback requests reached the upstream"
 
 
 async def test_a_cooldown_and_a_conversation_hold_on_every_worker(tmp_path: Path) -> None:

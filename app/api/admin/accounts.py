@@ -101,7 +101,7 @@ class Account(HTTPEndpoint):
                 await repo.set_enabled(name, spec.enabled, None if spec.enabled else OPERATOR_REASON, now)
             return account_view(row)
 
-        view = await admin.write(change)
+        view = await admin.write(change, scrub=secret_field is not None or "proxy" in body)
         log.info("admin: changed account %s (%s)", name, ", ".join(sorted(body)) or "nothing")
         return reply(view)
 
@@ -113,7 +113,7 @@ class Account(HTTPEndpoint):
             await find_account(session, name)
             await AccountRepository(session).remove(name)
 
-        await admin_of(request).write(remove)
+        await admin_of(request).write(remove, scrub=True)
         log.info("admin: removed account %s", name)
         return reply({"name": name, "deleted": True})
 

@@ -55,14 +55,17 @@ class Admin:
         async with self.db.session() as session:
             return await work(session, self.gateway.clock.time())
 
-    async def write(self, work: Work[_T], *, reload: bool = True) -> _T:
+    async def write(self, work: Work[_T], *, reload: bool = True, scrub: bool = False) -> _T:
         """Run ``work(session, now)`` in one transaction, then (``reload``) bring the pool in line with it.
 
         The queue is flushed first, so the runtime state stored with an account is current when the
-        pool rebuilds that account from its row."""
+        pool rebuilds that account from its row. ``scrub``: the work removed or replaced a secret;
+        truncate the WAL afterwards (``Database.scrub``)."""
         await self.writer.flush()
         async with self.db.session() as session, session.begin():
             result = await work(session, self.gateway.clock.time())
+        if scrub:
+            await self.db.scrub()
         if reload:
             await self.sync.load()
         return result

@@ -80,9 +80,17 @@ class Dashboard:
         return Response(page, media_type="text/html; charset=utf-8", headers=PAGE_HEADERS)
 
     async def asset(self, request: Request) -> Response:
-        path = (self._static / request.path_params["file"]).resolve()
-        if not path.is_relative_to(self._static) or path.name.startswith(".") or not path.is_file():
-            raise NotFound(f"Unknown path: {request.method} {request.url.path}")
+        """A file of ``static``. Not the page (only ``/dashboard`` serves it, with its CSP and frame
+        protection), nothing outside ``static``, no hidden file; a name the file system cannot take
+        (a NUL, a name too long) is simply not there."""
+        unknown = NotFound(f"Unknown path: {request.method} {request.url.path}")
+        try:
+            path = (self._static / request.path_params["file"]).resolve()
+            if (not path.is_relative_to(self._static) or path.name.startswith(".") or path.suffix == ".html"
+                    or not path.is_file()):
+                raise unknown
+        except (ValueError, OSError):
+            raise unknown from None
         version, _page = await self._load()
         # a URL with the current hash names these exact bytes for good; any other may change under it
         cache = LONG_CACHE if request.query_params.get("v") == version else "no-cache"
@@ -167,6 +175,7 @@ def _since(params: Mapping[str, str], default: int) -> int:
 
 
 def _duration(text: str | None, param: str, default: int) -> int:
+    """Whole seconds, at most ``SINCE_MAX`` + 1 (a longer span is refused by the caller, whatever its size)."""
     if text is None:
         return default
     bare = text.strip()
@@ -174,16 +183,16 @@ def _duration(text: str | None, param: str, default: int) -> int:
     if seconds is None:
         raise InvalidRequest(f"bad '{param}' {text!r}: use seconds, or a number and a unit (s, m, h, d or w) "
                              "such as 15m", param=param)
-    return math.ceil(seconds)
+    return math.ceil(min(seconds, SINCE_MAX + 1))  # also inf, from a number too long for a float
 
 
 def _step(text: str | None, since: int) -> int:
     if text is None:
         return next((s for s in NICE_STEPS if since / s <= DEFAULT_BUCKETS), NICE_STEPS[-1])
     step = _duration(text, "step", 0)
-    if step < 1 or since / step > MAX_BUCKETS:
-        raise InvalidRequest(f"'step' must be at least 1 s and cut 'since' into at most {MAX_BUCKETS} buckets.",
-                             param="step")
+    if step < 1 or since / step > MAX_BUCKETS or step > SINCE_MAX:
+        raise InvalidRequest(f"'step' must be from 1 s to {SINCE_MAX // 86400} days and cut 'since' into at most "
+                             f"{MAX_BUCKETS} buckets.", param="step")
     return step
 
 

@@ -8,6 +8,8 @@ its own files only; the master key sees all.
 
 from __future__ import annotations
 
+from urllib.parse import quote
+
 import orjson
 from starlette.datastructures import UploadFile
 from starlette.endpoints import HTTPEndpoint
@@ -105,7 +107,18 @@ async def file_content(request: Request) -> Response:
     batches, owner = caller(request)
     row, content = await batches.file_content(owner, request.path_params["file_id"])
     return Response(content, media_type="application/octet-stream",
-                    headers={"Content-Disposition": f'attachment; filename="{row.filename}"'})
+                    headers={"Content-Disposition": content_disposition(row.filename)})
+
+
+def content_disposition(filename: str) -> str:
+    """``attachment`` with the name as RFC 6266 gives it: ``filename*=UTF-8''…`` (percent-encoded, any
+    name) after a plain ``filename="…"`` for old clients (ASCII, with ``"``, ``\\``, control characters
+    and anything else outside printable ASCII replaced by ``_``)."""
+    fallback = "".join(c if " " <= c <= "~" and c not in '"\\' else "_" for c in filename) or "file"
+    encoded = quote(filename, safe="")
+    if encoded == filename:
+        return f'attachment; filename="{fallback}"'
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{encoded}"
 
 
 def file_routes() -> list[Route]:

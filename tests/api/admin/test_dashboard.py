@@ -145,6 +145,27 @@ async def test_the_series_needs_the_master_key_and_counts_every_request_per_acco
             assert error.json()["error"]["type"] == "invalid_request_error"
 
 
+async def test_hostile_asset_names_and_series_steps_are_404_and_400_never_500(tmp_path: Path) -> None:
+    async with run_stack(tmp_path) as stack, stack.http() as http:
+        for path in ("/dashboard/assets/%00", "/dashboard/assets/a%00.js", "/dashboard/assets/" + "a" * 5000,
+                     "/dashboard/assets/dashboard.html", "/dashboard/assets/dashboard.html?v=1",
+                     "/dashboard/assets/vendor/../dashboard.html"):
+            response = await http.get(path)
+            assert response.status_code == 404, path
+            assert response.json()["error"]["code"] == "not_found"
+        page = await http.get("/dashboard")
+        assert "frame-ancestors 'none'" in page.headers["content-security-policy"], "the page comes from here only"
+        for bad in ("step=99999999999999999999w", "step=" + "9" * 400, "step=32d&since=31d", "since=" + "9" * 400,
+                    "since=99999999999999999999w"):
+            error = await http.get(f"/admin/usage/series?{bad}", headers=ADMIN)
+            assert error.status_code == 400, bad
+            assert error.json()["error"]["param"] in ("step", "since")
+        errors = await http.get("/admin/usage/errors?since=" + "9" * 400, headers=ADMIN)
+        assert errors.status_code == 400
+        widest = await http.get("/admin/usage/series?since=31d&step=31d", headers=ADMIN)
+        assert widest.status_code == 200 and widest.json()["step"] == 31 * 86400
+
+
 async def test_failed_requests_are_listed_latest_first(tmp_path: Path) -> None:
     async with run_stack(tmp_path) as stack, stack.http() as http:
         assert (await chat(http)).status_code == 200

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from pathlib import Path
+from urllib.parse import unquote
 
 import openai
 import pytest
@@ -21,6 +23,22 @@ async def test_an_upload_is_stored_and_given_back_byte_for_byte(tmp_path: Path) 
         assert uploaded.id.startswith("file-") and uploaded.bytes == len(content) and uploaded.status == "processed"
         assert (await client.files.content(uploaded.id)).content == content
         assert (await client.files.retrieve(uploaded.id)).model_dump() == uploaded.model_dump()
+
+
+@pytest.mark.parametrize("name", ["données 数据.jsonl", 'say "hi"\\.jsonl', "line\r\nbreak.jsonl", "in.jsonl"])
+async def test_any_file_name_comes_back_in_an_rfc_6266_content_disposition(tmp_path: Path, name: str) -> None:
+    async with run_stack(tmp_path) as stack, stack.http() as http:
+        uploaded = await stack.client().files.create(file=(name, b"{}\n"), purpose="batch")
+        for _ in range(2):  # and again: nothing about the stored name breaks the file for good
+            response = await http.get(f"/v1/files/{uploaded.id}/content", headers=AUTH)
+            assert response.status_code == 200 and response.content == b"{}\n"
+            disposition = response.headers["content-disposition"]
+            fallback = re.fullmatch(r'attachment; filename="([ -~]+)"(?:; filename\*=UTF-8\'\'(\S+))?', disposition)
+            assert fallback is not None, disposition
+            assert '"' not in fallback.group(1) and "\\" not in fallback.group(1)
+            assert unquote(fallback.group(2) or fallback.group(1)) == uploaded.filename
+            if name == "données 数据.jsonl":
+                assert fallback.group(1) == "donn_es __.jsonl"
 
 
 async def test_a_file_over_the_size_limit_is_413(tmp_path: Path) -> None:
