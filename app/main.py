@@ -26,11 +26,12 @@ from app.api.admin import Admin, admin_routes
 from app.api.admin.dashboard import Dashboard
 from app.api.auth import Authenticator
 from app.api.errors import RequestIdMiddleware, handle_http_exception, handle_kimi_pool_error
-from app.api.front import CHAT_PATH, ChatRoute, FrontDoor
+from app.api.exchange import EXPOSED_HEADERS
+from app.api.front import HOT_PATHS, FrontDoor, HotRoute
 from app.api.ids import Ids
 from app.api.metrics import metrics
 from app.api.openai.batches import batch_routes
-from app.api.openai.chat import EXPOSED_HEADERS, ChatCompletions
+from app.api.openai.chat import ChatCompletions
 from app.api.openai.files import file_routes
 from app.api.openai.models import get_model, list_models
 from app.api.pool_status import pool_status
@@ -170,7 +171,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/v1/pool/status", pool_status, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
-        Route(CHAT_PATH, ChatRoute(), methods=["POST"]),
+        *(Route(path, HotRoute(name), methods=["POST"]) for path, name in HOT_PATHS.items()),
         *file_routes(),
         *batch_routes(),
         *Dashboard().routes(),  # before the admin API's routes: it serves /admin/usage/series

@@ -18,6 +18,9 @@ from app.api.loopback import turned_away
 from app.shutdown import Shutdown
 
 CHAT_PATH = "/v1/chat/completions"
+HOT_PATHS = {CHAT_PATH: "chat"}
+"""``POST`` paths served by a bare ASGI handler, before Starlette's routing and middleware → the name of the
+handler on ``app.state`` (each protocol's front-end adds its own)."""
 log = logging.getLogger("kimi_pool.api")
 
 
@@ -37,20 +40,24 @@ class FrontDoor:
             if self._auth.open and (refused := turned_away(scope, self._ids)) is not None:
                 await refused(scope, receive, send)
                 return
-            if scope["path"] == CHAT_PATH and scope["method"] == "POST":
-                await self.app.state.chat(scope, receive, send)
+            hot = HOT_PATHS.get(scope["path"]) if scope["method"] == "POST" else None
+            if hot is not None:
+                await getattr(self.app.state, hot)(scope, receive, send)
             else:
                 await answer_cut(self.app, scope, receive, send, self.shutdown)
             return
         await self.app(scope, receive, send)
 
 
-class ChatRoute:
-    """The same handler as a Starlette route endpoint (so the router knows the path and answers
-    405 with ``Allow`` for other methods)."""
+class HotRoute:
+    """A hot-path handler as a Starlette route endpoint too (so the router knows the path and answers 405
+    with ``Allow`` for other methods)."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await scope["app"].state.chat(scope, receive, send)
+        await getattr(scope["app"].state, self._name)(scope, receive, send)
 
 
 async def answer_cut(app: ASGIApp, scope: Scope, receive: Receive, send: Send, shutdown: Shutdown) -> None:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 
 import orjson
 from starlette.datastructures import Headers
@@ -23,13 +23,15 @@ from starlette.types import Receive, Scope, Send
 from app.api.auth import Authenticator
 from app.api.body import read_body
 from app.api.errors import header, internal_error
+from app.api.exchange import CommonHeaders, disconnect_of, error_headers, max_wait, send_json
 from app.api.ids import Ids
 from app.api.openai.schema import parse_chat_request, parse_json
-from app.api.openai.sse import DONE, ChunkRenderer, SSEResponse, completion_body
+from app.api.openai.sse import DONE, ChunkRenderer, completion_body
+from app.api.stream import SSEResponse
 from app.clock import Clock
 from app.config import Settings
 from app.dispatch import Dispatcher
-from app.errors import InvalidRequest, KimiPoolError
+from app.errors import KimiPoolError
 from app.idempotency import Claim, Idempotency, Transcript, replay_events, request_hash, scoped_key
 from app.pool.context import RequestContext
 from app.pool.sessions import session_key
@@ -38,9 +40,6 @@ from app.store.records import IdempotentAnswer
 from app.upstreams.base import Batch, ChatRequest, Usage
 
 log = logging.getLogger("kimi_pool.api")
-_JSON = (b"content-type", b"application/json")
-EXPOSED_HEADERS = ("x-request-id", "retry-after", "x-kimi-pool-account", "idempotent-replayed")
-_EXPOSED = ", ".join(EXPOSED_HEADERS).encode()
 
 
 class ChatCompletions:
@@ -57,34 +56,7 @@ class ChatCompletions:
         self._dispatcher = dispatcher
         self._ids = ids
         self._idempotency = idempotency
-        origins = settings.cors_origins
-        self._any_origin = "*" in origins
-        self._origins = frozenset(o.encode() for o in origins)
-
-    def _common_headers(self, scope: Scope, request_id: str) -> list[tuple[bytes, bytes]]:
-        headers = [(b"x-request-id", request_id.encode())]
-        origin = header(scope, b"origin")
-        if origin is not None:
-            if self._any_origin:
-                headers.append((b"access-control-allow-origin", b"*"))
-            elif origin in self._origins:
-                headers += [(b"access-control-allow-origin", origin), (b"vary", b"Origin")]
-            headers.append((b"access-control-expose-headers", _EXPOSED))
-        return headers
-
-    def _max_wait(self, scope: Scope) -> float:
-        ceiling = self._settings.max_wait
-        asked = header(scope, b"x-kimi-pool-max-wait")
-        if asked is None:
-            return ceiling
-        try:
-            seconds = float(asked)
-        except ValueError:
-            seconds = -1.0
-        if not seconds >= 0:  # also catches nan
-            raise InvalidRequest("X-Kimi-Pool-Max-Wait must be a number of seconds, 0 or more.",
-                                 param="X-Kimi-Pool-Max-Wait")
-        return min(seconds, ceiling)
+        self._common_headers = CommonHeaders(settings.cors_origins)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -99,11 +71,10 @@ class ChatCompletions:
                     raise
                 raise cut from None
         except KimiPoolError as error:
-            await _send_json(send, error.status, orjson.dumps(error.body()),
-                             headers + [(k.lower().encode(), v.encode()) for k, v in error.headers().items()])
+            await send_json(send, error.status, orjson.dumps(error.body()), headers + error_headers(error))
         except Exception:
             log.exception("unhandled error in request %s", request_id)
-            await _send_json(send, 500, orjson.dumps(internal_error(request_id).body()), headers)
+            await send_json(send, 500, orjson.dumps(internal_error(request_id).body()), headers)
 
     async def _handle(self, scope: Scope, receive: Receive, send: Send, request_id: str,
                       headers: list[tuple[bytes, bytes]], started: float) -> None:
@@ -116,7 +87,7 @@ class ChatCompletions:
             payload = parse_json(raw)
             chat = parse_chat_request(payload)
             dispatcher.check(chat)
-            max_wait = self._max_wait(scope)
+            wait = max_wait(scope, self._settings.max_wait)
             key = header(scope, b"idempotency-key")
             if key is not None and self._idempotency is not None:  # may wait for a request holding the key
                 claim = await self._idempotency.claim(scoped_key(key, client), request_hash(payload))
@@ -132,8 +103,8 @@ class ChatCompletions:
             dispatcher.replayed(request_id, client, chat.model, chat.stream, started)
             return
         try:
-            ctx = RequestContext(request_id, client, max_wait=max_wait, session=_conversation(scope, chat, client),
-                                 started=started, gone=_disconnect_of(receive))
+            ctx = RequestContext(request_id, client, max_wait=wait, session=_conversation(scope, chat, client),
+                                 started=started, gone=disconnect_of(receive))
             completion_id = self._ids.completion_id()
             now = self._clock.time()
             created = int(now)
@@ -144,7 +115,7 @@ class ChatCompletions:
                 if claim is not None:
                     claim.keep(body)  # before sending: the quota is spent even if the client is gone
                 headers.append((b"x-kimi-pool-account", (ctx.account or "").encode()))
-                await _send_json(send, 200, body, headers)
+                await send_json(send, 200, body, headers)
                 return
             events = dispatcher.stream(chat, ctx)
             first = await anext(events)  # failover happens here; an error is still a JSON answer
@@ -170,29 +141,12 @@ def _conversation(scope: Scope, chat: ChatRequest, client: str | None) -> str | 
     return session_key(session_header=hint, user=user, client=client, messages=chat.messages)
 
 
-def _disconnect_of(receive: Receive) -> Callable[[], Awaitable[None]]:
-    """What returns when the client has closed its connection (the body has been read: the next
-    message is the disconnect)."""
-
-    async def gone() -> None:
-        while (await receive())["type"] != "http.disconnect":
-            pass
-
-    return gone
-
-
-async def _send_json(send: Send, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": status,
-                "headers": [*headers, _JSON, (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
-
 async def _replay(scope: Scope, receive: Receive, send: Send, chat: ChatRequest, answer: IdempotentAnswer,
                   headers: list[tuple[bytes, bytes]]) -> None:
     """Send a stored answer again, as JSON or, if this request streams, as the stream it amounts to."""
     headers.append((b"idempotent-replayed", b"true"))
     if not chat.stream:
-        await _send_json(send, answer.status, answer.body, headers)
+        await send_json(send, answer.status, answer.body, headers)
         return
     body = orjson.loads(answer.body)
     renderer = ChunkRenderer(body["id"], body["created"], body["model"])
