@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTHON ?= python3
 
-.PHONY: setup serve test lint browser conformance bench bench-workers profile emulate clean
+.PHONY: setup serve test lint browser conformance e2e bench bench-workers profile emulate clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -30,7 +30,11 @@ browser:
 		(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver)
 
 test: lint browser
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m "not e2e"
+
+# The slow end-to-end tests: real Claude Code and Codex CLIs (installed from npm into .cache/e2e on first run).
+e2e: $(STAMP)
+	$(VENV)/bin/pytest -q -m e2e
 
 # Fuzz the OpenAI chat and models operations against OpenAI's OpenAPI description (seeded; part of `make test` too).
 conformance: $(STAMP)
