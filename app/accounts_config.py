@@ -29,6 +29,9 @@ DEFAULT_BASE_URLS = {
 }
 DEFAULT_MODELS = {
     "moonshot": (
+        "kimi-k3",
+        "kimi-k2.7-code",
+        "kimi-k2.6",
         "kimi-k2.5",
         "kimi-k2-0905-preview",
         "kimi-k2-turbo-preview",

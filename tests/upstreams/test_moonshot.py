@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import aiohttp
+import openai
 import orjson
 import pytest
 from starlette.applications import Starlette
@@ -115,3 +116,88 @@ async def test_each_account_goes_out_through_its_own_proxy(tmp_path: Path) -> No
             text = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
     assert completion.choices[0].message.content and text
     assert seen == [f"{stack.emulator_url}/v1/chat/completions"] * 2
+
+
+# --- thinking, per model family (app/kimi_models.py), against the emulator's rules ---------------------
+
+
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city.",
+    "parameters": {"$schema": "https://json-schema.org/draft/2020-12/schema", "type": "object",
+                   "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": False},
+    "strict": True}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+async def test_a_forced_tool_on_a_thinking_k2_model_is_sent_with_thinking_off(tmp_path: Path) -> None:
+    """Kimi's thinking K2 models answer 400 to a forced tool choice while they think; kimi-pool turns thinking
+    off for that turn on the models where it is on by default, so the client gets its tool call."""
+    async with run_stack(tmp_path, keys=["sk-emu-0001"]) as stack:
+        client = stack.client()
+        for choice in ("required", {"type": "function", "function": {"name": "get_weather"}}):
+            answer = await client.chat.completions.create(model="kimi-k2.6", messages=ASK, tools=WEATHER,
+                                                          tool_choice=choice)  # type: ignore[arg-type]
+            assert answer.choices[0].finish_reason == "tool_calls"
+            assert answer.choices[0].message.tool_calls[0].function.name == "get_weather"  # type: ignore[index]
+            sent = stack.emulator.recent_requests("sk-emu-0001")[-1]
+            assert sent["thinking"] == {"type": "disabled"} and "reasoning_effort" not in sent
+            assert "$schema" not in sent["tools"][0]["function"]["parameters"], "Claude Code's marker is dropped"
+            assert "strict" not in sent["tools"][0]["function"]
+        # without a forced tool the model thinks, as it does by default: nothing is sent about thinking
+        answer = await client.chat.completions.create(model="kimi-k2.6", messages=ASK, tools=WEATHER)
+        assert "thinking" not in stack.emulator.recent_requests("sk-emu-0001")[-1]
+        assert getattr(answer.choices[0].message, "reasoning_content", None)
+
+
+async def test_each_family_gets_its_own_thinking_field_never_both(tmp_path: Path) -> None:
+    async with run_stack(tmp_path, keys=["sk-emu-0001"]) as stack:
+        client = stack.client()
+
+        async def sent(model: str, **kw: object) -> dict[str, object]:
+            await client.chat.completions.create(model=model, messages=ASK, **kw)  # type: ignore[call-overload]
+            body = stack.emulator.recent_requests("sk-emu-0001")[-1]
+            assert not ("thinking" in body and "reasoning_effort" in body)
+            return {k: body[k] for k in ("thinking", "reasoning_effort") if k in body}
+
+        assert await sent("kimi-k3", reasoning_effort="medium") == {"reasoning_effort": "high"}
+        assert await sent("kimi-k3", reasoning_effort="xhigh") == {"reasoning_effort": "max"}
+        assert await sent("kimi-k3", reasoning_effort="low", tools=WEATHER, tool_choice="required") \
+            == {"reasoning_effort": "low"}, "K3 takes a forced tool while it thinks"
+        assert await sent("kimi-k2.6", reasoning_effort="low") == {"thinking": {"type": "enabled"}}
+        assert await sent("kimi-k2.6", reasoning_effort="none") == {"thinking": {"type": "disabled"}}
+        off = {"thinking": {"type": "disabled"}}
+        assert await sent("kimi-k2.6", extra_body=off) == off
+        assert await sent("kimi-k2-0905-preview") == {}
+        # what no account can serve is refused before any upstream is asked
+        for model, kw, param in [
+            ("kimi-k2.7-code", {"reasoning_effort": "none"}, "reasoning_effort"),
+            ("kimi-k2.7-code", {"tools": WEATHER, "tool_choice": "required"}, "tool_choice"),
+            ("kimi-k2.6", {"tools": WEATHER, "tool_choice": "required", "reasoning_effort": "high"}, "tool_choice"),
+            ("kimi-k2-0905-preview", {"reasoning_effort": "high"}, "reasoning_effort"),
+        ]:
+            before = stack.emulator.snapshot()["totals"]["requests"]
+            with pytest.raises(openai.BadRequestError) as refused:
+                await client.chat.completions.create(model=model, messages=ASK, **kw)  # type: ignore[call-overload]
+            assert refused.value.body["code"] == "unsupported_parameter"  # type: ignore[index]
+            assert refused.value.body["param"] == param  # type: ignore[index]
+            assert stack.emulator.snapshot()["totals"]["requests"] == before
+
+
+async def test_reasoning_content_of_earlier_tool_turns_reaches_moonshot_untouched(tmp_path: Path) -> None:
+    """Kimi's thinking models refuse a tool-call history without the reasoning that led to each call."""
+    async with run_stack(tmp_path, keys=["sk-emu-0001"]) as stack:
+        client = stack.client()
+        first = await client.chat.completions.create(model="kimi-k2.6", messages=ASK, tools=WEATHER)
+        call = first.choices[0].message
+        reasoning = getattr(call, "reasoning_content", None)
+        assert reasoning and call.tool_calls
+        history = [*ASK, {"role": "assistant", "content": call.content, "reasoning_content": reasoning,
+                          "tool_calls": [t.model_dump() for t in call.tool_calls]},
+                   {"role": "tool", "tool_call_id": call.tool_calls[0].id, "content": "sunny, 21 C"}]
+        second = await client.chat.completions.create(model="kimi-k2.6", messages=history, tools=WEATHER)
+        assert second.choices[0].finish_reason == "stop" and second.choices[0].message.content
+        assert stack.emulator.recent_requests("sk-emu-0001")[-1]["messages"][1]["reasoning_content"] == reasoning
+        # without it, Kimi's 400 is passed on (never retried elsewhere, never turned into text)
+        history[1].pop("reasoning_content")
+        with pytest.raises(openai.BadRequestError, match="reasoning_content"):
+            await client.chat.completions.create(model="kimi-k2.6", messages=history, tools=WEATHER)
