@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 from pathlib import Path
 
 import openai
@@ -139,3 +140,49 @@ async def test_an_answer_the_adapter_cannot_read_fails_over_and_costs_the_accoun
 def _write(path: Path, text: str) -> str:
     path.write_text(text)
     return str(path)
+
+
+async def test_an_agent_conversation_stays_on_its_account_and_moves_when_it_dies(tmp_path: Path) -> None:
+    """Prompt-cache affinity: ten turns of a tool loop, each resending the growing history, go to the account
+    that served the first (its cache holds the prefix: cached tokens grow) while the others are free and serve
+    other clients; when that account dies, the conversation moves once and stays on its new account."""
+    tools = [{"type": "function", "function": {"name": "run", "parameters": {
+        "type": "object", "properties": {"command": {"type": "string"}}, "required": ["command"]}}}]
+    async with run_stack(tmp_path) as stack:
+        client = stack.client()
+        messages: list[dict[str, object]] = [{"role": "system", "content": "You are a coding agent. " * 40},
+                                             {"role": "user", "content": "fix the build"}]
+        served, cached = [], []
+        for turn in range(10):
+            raw = await client.chat.completions.with_raw_response.create(
+                model="kimi-k2.6", messages=messages, tools=tools, extra_body={"prompt_cache_key": "agent-7"})
+            answer = raw.parse()
+            served.append(raw.headers["x-kimi-pool-account"])
+            assert answer.usage is not None and answer.usage.prompt_tokens_details is not None
+            cached.append(answer.usage.prompt_tokens_details.cached_tokens or 0)
+            message = answer.choices[0].message
+            turn_out: dict[str, object] = {"role": "assistant", "content": message.content,
+                                           "reasoning_content": getattr(message, "reasoning_content", None)}
+            if message.tool_calls:
+                turn_out["tool_calls"] = [t.model_dump() for t in message.tool_calls]
+                messages += [turn_out, {"role": "tool", "tool_call_id": message.tool_calls[0].id,
+                                        "content": f"output of step {turn}"}]
+            else:
+                messages += [turn_out, {"role": "user", "content": f"now step {turn}"}]
+            other = await client.chat.completions.with_raw_response.create(model="kimi-k2.6", messages=HELLO)
+            served_other = other.headers["x-kimi-pool-account"]
+            assert served_other  # other clients still go round the ring
+        home = served[0]
+        assert served == [home] * 10, "every turn on the account that holds the conversation"
+        assert cached[0] == 0 and all(b > a for a, b in itertools.pairwise(cached[1:])), cached
+        # the account dies: the next turn moves, keeps working, and the conversation stays where it moved
+        key = stack.gateway.pool.accounts[home].secret
+        stack.emulator.script(key, [{"kind": "auth"}])
+        moved = await client.chat.completions.with_raw_response.create(
+            model="kimi-k2.6", messages=messages, tools=tools, extra_body={"prompt_cache_key": "agent-7"})
+        new_home = moved.headers["x-kimi-pool-account"]
+        assert new_home != home and moved.parse().choices[0].message
+        assert stack.gateway.pool.accounts[home].state is State.AUTH_DEAD
+        again = await client.chat.completions.with_raw_response.create(
+            model="kimi-k2.6", messages=messages, tools=tools, extra_body={"prompt_cache_key": "agent-7"})
+        assert again.headers["x-kimi-pool-account"] == new_home

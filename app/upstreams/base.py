@@ -87,8 +87,7 @@ class Usage:
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.total_tokens,
         }
-        if self.cached_tokens is not None:
-            body["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens}
+        body["prompt_tokens_details"] = {"cached_tokens": self.cached_tokens or 0}  # as OpenAI: always there
         return body
 
 
