@@ -19,8 +19,8 @@ from app.clock import ManualClock
 from app.store.db import Database
 from app.store.records import UsageRecord
 from app.store.usage import UsageRepository
-from tests.conftest import Stack, reload, run_stack
 from tests.cli.test_main import Cli
+from tests.conftest import Stack, reload, run_stack
 
 MODEL_A = "kimi-k2-0905-preview"
 MODEL_B = "kimi-k2.5"
