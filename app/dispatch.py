@@ -149,10 +149,11 @@ class Dispatcher:
             return Thread(binding.chat_id, binding.parent_id, binding.turns, keep=True)
         return Thread(keep=binding is not None)
 
-    def _failed(self, lease: Held, error: UpstreamError, deadline: float, ctx: RequestContext) -> None:
+    async def _failed(self, lease: Held, error: UpstreamError, deadline: float, ctx: RequestContext) -> None:
         self._leases.report(lease, error)  # first, so whoever the release wakes sees the new state
         self._upstream_failed(ctx, lease.account, error)
         lease.release(0)  # a refused request produced no tokens
+        await self._leases.saved()  # a cooldown or a dead key is stored before the request goes on
         if not error.retryable or self._clock.time() > deadline:
             raise error
 
@@ -172,7 +173,7 @@ class Dispatcher:
                     completion = await self._registry.get(account.kind).complete(
                         account, request, account.upstream_models[request.model], thread)
                 except UpstreamError as error:
-                    self._failed(lease, error, deadline, ctx)
+                    await self._failed(lease, error, deadline, ctx)
                     last = error
                     continue
                 except BaseException:
@@ -228,7 +229,7 @@ class Dispatcher:
                 events = None
                 failed = lease
                 lease = None
-                self._failed(failed, error, deadline, ctx)
+                await self._failed(failed, error, deadline, ctx)
                 last = error
             batch: Batch = first
             first_byte = time.perf_counter()
@@ -253,6 +254,7 @@ class Dispatcher:
             if lease is not None and isinstance(error, UpstreamError):
                 self._leases.report(lease, error)
                 self._upstream_failed(ctx, lease.account, error)
+                await self._leases.saved()
             raise
         except (asyncio.CancelledError, GeneratorExit):
             status, outcome = 499, "client_closed"

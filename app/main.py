@@ -44,7 +44,6 @@ from app.errors import KimiPoolError
 from app.idempotency import Idempotency
 from app.logs import AccessLog
 from app.metrics import Metrics
-from app.pool.account import Account
 from app.pool.admission import Admission
 from app.pool.leases import PoolLeases
 from app.pool.scheduler import Pool
@@ -52,6 +51,7 @@ from app.pool.sessions import SessionTable
 from app.store.db import Database
 from app.store.repository import import_config
 from app.store.sessions import SessionRepository
+from app.store.states import StateWriter
 from app.store.writer import WriteBehind
 from app.sync import AccountSync
 from app.upstreams.http import create_session
@@ -101,15 +101,12 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         writer.start()
         pool = Pool(clock, interactive_share=settings.interactive_share)
         auth = Authenticator(settings.master_key)
-
-        def persist(account: Account) -> None:
-            if account.state != "disabled":
-                writer.put_state(account.name, account.state, account.until, account.reason)
-
-        pool.on_state_change(persist)
+        states = StateWriter(db, pool, clock)
+        states.start()
+        pool.on_state_change(states.changed)
         session = create_session(settings, connector=transport)
         registry = Registry.default(session, clock)
-        sync = AccountSync(db, pool, auth, clock)
+        sync = AccountSync(db, pool, auth, clock, unsaved=states.unsaved)
         await sync.load()
         admission = Admission(pool, clock, max_queue=settings.max_queue)
         sessions = SessionTable(ttl=settings.session_ttl)
@@ -117,7 +114,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
             sessions.load(await SessionRepository(db_session).load_active(clock.time()))
         sessions.on_change(writer.put_session)
         observer, metrics_registry = Metrics.registry(pool, admission, clock)
-        leases = PoolLeases(pool, admission, sessions, clock)
+        leases = PoolLeases(pool, admission, sessions, clock, saved=states.saved)
         dispatcher = Dispatcher(leases, registry, writer, clock,
                                 failover_deadline=settings.failover_deadline,
                                 default_max_tokens=settings.default_max_tokens,
@@ -129,7 +126,9 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         app.state.idempotency = idempotency
         app.state.writer = writer
         app.state.sync = sync
-        app.state.admin = Admin(gateway, db, registry, sync, writer)
+        app.state.states = states
+
+        app.state.admin = Admin(gateway, db, registry, sync, writer, states)
         runner = BatchRunner(db, dispatcher, clock, models=pool.models, concurrency=settings.batch_concurrency,
                              max_wait=settings.batch_max_wait, max_attempts=settings.batch_max_attempts)
         app.state.batch_runner = runner
@@ -153,6 +152,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
             await admission.close()
             await registry.close()
             await session.close()
+            await states.close()
             await writer.close()
             await db.dispose()
 

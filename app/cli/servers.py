@@ -40,6 +40,9 @@ def serve(
     workers: Annotated[int, typer.Option(
         min=1, max=64, help="Processes serving chat completions, for more cores; limits, cooldowns, sessions and "
                             "the round robin stay shared.")] = 1,
+    flush_interval: Annotated[float, typer.Option(
+        min=0.01, max=3600, help="Seconds between writes of usage rows and sessions: what a crash may lose "
+                                 "(account states are written at once).")] = 1.0,
 ) -> None:
     """Serve the OpenAI-compatible gateway. The database is migrated to the current schema first."""
     if log_level not in ("debug", "info", "warning", "error"):
@@ -50,7 +53,7 @@ def serve(
         "db_url": _state(ctx).db_url, "host": host, "port": port, "accounts_file": accounts, "log_level": log_level,
         "log_format": log_format, "max_wait": max_wait, "max_queue": max_queue,
         "shutdown_grace": float(shutdown_grace), "interactive_share": interactive_share,
-        "batch_concurrency": batch_concurrency, "workers": workers}
+        "batch_concurrency": batch_concurrency, "workers": workers, "flush_interval": flush_interval}
     serve_gateway(Settings.from_env(**options), options)
 
 

@@ -8,6 +8,7 @@ so limits, cooldowns, sessions and the round-robin position stay one set for eve
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 from app.clock import Clock
@@ -53,6 +54,11 @@ class Leases(Protocol):
 
     def succeeded(self, held: Held) -> None: ...
 
+    async def saved(self) -> None:
+        """Return once the account states reported so far are stored, so that a server killed right
+        after (a cooldown begun, a key found dead) still respects them when it starts again."""
+        ...
+
     def keep_thread(self, ctx: RequestContext, thread: Thread) -> None:
         """Remember in the session where its upstream chat now stands."""
         ...
@@ -69,8 +75,11 @@ class Leases(Protocol):
 class PoolLeases:
     """``Leases`` from this process's pool, admission queue and session table."""
 
-    def __init__(self, pool: Pool, admission: Admission, sessions: SessionTable, clock: Clock) -> None:
+    def __init__(self, pool: Pool, admission: Admission, sessions: SessionTable, clock: Clock, *,
+                 saved: Callable[[], Awaitable[None]] | None = None) -> None:
+        """``saved``: returns once the pool's state changes are stored (``StateWriter.saved``)."""
         self._pool = pool
+        self._saved = saved
         self._admission = admission
         self._sessions = sessions
         self._clock = clock
@@ -109,6 +118,10 @@ class PoolLeases:
 
     def succeeded(self, held: Held) -> None:
         self._pool.succeeded(held.account)
+
+    async def saved(self) -> None:
+        if self._saved is not None:
+            await self._saved()
 
     def keep_thread(self, ctx: RequestContext, thread: Thread) -> None:
         binding = ctx.binding

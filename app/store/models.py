@@ -36,6 +36,9 @@ class AccountRow(Base):
     state: Mapped[str] = mapped_column(String(32), default="active")
     state_until: Mapped[float | None] = mapped_column(Float)
     state_reason: Mapped[str | None] = mapped_column(Text)
+    state_rev: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Bumped by every write of the runtime state (the server's, a probe's, an operator's revive): the
+    server writes a state only over the revision it knows (``AccountRepository.replace_state``)."""
     config_rev: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
@@ -149,6 +152,7 @@ class BatchRow(Base):
     error_file_id: Mapped[str | None] = mapped_column(String(40))
     client_key: Mapped[str | None] = mapped_column(String(64))
     meta: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     """Why the batch failed (its input file), as OpenAI's ``errors.data``; None otherwise."""
     total: Mapped[int] = mapped_column(Integer, default=0)

@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 
-from app.errors import PoolBusy, PoolUnavailable, UpstreamError
+from app.errors import AuthDead, PoolBusy, PoolUnavailable, QuotaExhausted, RateLimited, UpstreamError
 from app.pool.account import Account
 from app.pool.context import RequestContext
 from app.pool.leases import Held
@@ -133,6 +133,8 @@ class RemoteLeases:
         self._accounts = accounts
         self._reload = reload
         self._headroom: dict[str, list[tuple[bytes, bytes]]] = {}
+        self._reported = 0  # reports sent that may have changed an account's state
+        self._confirmed = 0  # of those, how many the keeper has confirmed stored
         self.models = accounts.models
 
     def try_take(self, model: str, cost: int, ctx: RequestContext, exclude: set[str]) -> Held | None:
@@ -183,6 +185,21 @@ class RemoteLeases:
     def report(self, held: Held, error: UpstreamError) -> None:
         assert isinstance(held, RemoteLease)
         self._link.send(["report", held.id, encode_error(error)])
+        if isinstance(error, AuthDead | QuotaExhausted | RateLimited):  # what the pool acts on
+            self._reported += 1
+
+    async def saved(self) -> None:
+        """Ask the keeper (after the reports, on the same channel) to confirm they are stored; no
+        round trip when every report that could have changed a state is confirmed already."""
+        target = self._reported
+        if self._confirmed >= target:
+            return
+        try:
+            _, future = self._link.ask(lambda rid: ["saved", rid])
+            await future
+        except KeeperLost:
+            return
+        self._confirmed = max(self._confirmed, target)
 
     def succeeded(self, held: Held) -> None:
         assert isinstance(held, RemoteLease)

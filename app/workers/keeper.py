@@ -14,6 +14,8 @@ Per worker connection:
 - ``failed [request_id, account, error]`` and ``done [record, waited_ms, first_byte_ms]``: for the
   metrics; ``done`` of a dispatched request (``waited_ms`` not null) is also its usage row.
 - ``free_in [rid, model]`` → ``free_in [rid, seconds|null]``.
+- ``saved [rid]`` → ``saved [rid]`` once the account states changed by the reports before it are
+  stored (``PoolLeases.saved``).
 - ``hello [index, pid]``: the worker is serving. The keeper sends ``reload`` after each account sync.
 
 A worker that goes away (crash, kill) has its waiting takes withdrawn and its leases released.
@@ -26,7 +28,7 @@ import contextlib
 import itertools
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from app.clock import Clock
@@ -88,7 +90,7 @@ class _WorkerConnection:
         self._handlers: dict[str, Callable[[Frame], None]] = {
             "take": self._take, "drop": self._drop, "release": self._release,
             "report": self._report, "failed": self._failed, "thread": self._thread, "done": self._done,
-            "free_in": self._free_in, "hello": self._hello,
+            "free_in": self._free_in, "hello": self._hello, "saved": self._saved,
         }
         self.worker = "?"
 
@@ -195,14 +197,27 @@ class _WorkerConnection:
         for observer in self._server._observers:
             observer.finished(record, waited_ms, first_byte_ms)
 
+    def _saved(self, frame: Frame) -> None:
+        rid = frame[1]
+
+        async def answer() -> None:
+            await self._leases.saved()
+            self.send(["saved", rid])
+
+        _spawn(answer())
+
     def _free_in(self, frame: Frame) -> None:
         rid, model = frame[1], frame[2]
 
         async def answer() -> None:
             self.send(["free_in", rid, await self._leases.next_free_in(model)])
 
-        task = asyncio.create_task(answer())
-        task.add_done_callback(_log_failure)
+        _spawn(answer())
+
+
+def _spawn(work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.create_task(work)
+    task.add_done_callback(_log_failure)
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

@@ -33,9 +33,9 @@ async def db(tmp_path: Path) -> AsyncIterator[Database]:
 
 async def test_fresh_file_migrates_to_head(db: Database, tmp_path: Path) -> None:
     assert await db.current_revision() is None
-    assert await db.upgrade() == head_revision() == "0004"
+    assert await db.upgrade() == head_revision() == "0005"
     assert (tmp_path / "nested/dir/kimi-pool.db").is_file()
-    assert await db.current_revision() == "0004"
+    assert await db.current_revision() == "0005"
     async with db.engine.connect() as conn:
         tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
     assert tables == {"alembic_version", "accounts", "client_keys", "usage", "health_events", "sessions",
@@ -61,7 +61,7 @@ async def test_second_upgrade_is_a_no_op(db: Database) -> None:
         statements.append(statement.strip().split()[0].upper())
 
     event.listen(db.engine.sync_engine, "before_cursor_execute", record)
-    assert await db.upgrade() == "0004"
+    assert await db.upgrade() == "0005"
     event.remove(db.engine.sync_engine, "before_cursor_execute", record)
     assert statements  # it did look at alembic_version ...
     writes = {"CREATE", "ALTER", "DROP", "INSERT", "UPDATE", "DELETE"}

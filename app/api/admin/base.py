@@ -26,6 +26,7 @@ from app.errors import ConfigError, InvalidRequest, NotFound, PermissionDenied
 from app.store.db import Database
 from app.store.models import AccountRow
 from app.store.repository import AccountRepository
+from app.store.states import StateWriter
 from app.store.writer import WriteBehind
 from app.sync import AccountSync
 from app.upstreams.registry import Registry
@@ -48,6 +49,7 @@ class Admin:
     registry: Registry
     sync: AccountSync
     writer: WriteBehind
+    states: StateWriter
 
     async def read(self, work: Work[_T]) -> _T:
         """Run ``work(session, now)`` on the database, after writing out what the server has queued."""
@@ -58,9 +60,11 @@ class Admin:
     async def write(self, work: Work[_T], *, reload: bool = True) -> _T:
         """Run ``work(session, now)`` in one transaction, then (``reload``) bring the pool in line with it.
 
-        The queue is flushed first, so the runtime state stored with an account is current when the
-        pool rebuilds that account from its row."""
+        The queue is flushed and the account states the server is writing are stored first, so the
+        runtime state stored with an account is current when the pool rebuilds that account from its
+        row."""
         await self.writer.flush()
+        await self.states.saved()
         async with self.db.session() as session, session.begin():
             result = await work(session, self.gateway.clock.time())
         if reload:
