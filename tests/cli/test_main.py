@@ -133,8 +133,8 @@ def test_default_database_is_in_the_working_directory(tmp_path: Path, cli: Cli,
 
 
 def test_db_upgrade(cli: Cli) -> None:
-    assert "schema at revision 0004" in cli.ok("db", "upgrade")
-    assert "schema at revision 0004" in cli.ok("db", "upgrade")
+    assert "schema at revision 0005" in cli.ok("db", "upgrade")
+    assert "schema at revision 0005" in cli.ok("db", "upgrade")
 
 
 def test_help_is_the_docstring(cli: Cli) -> None:
