@@ -44,6 +44,7 @@ from app.errors import KimiPoolError
 from app.idempotency import Idempotency
 from app.logs import AccessLog
 from app.metrics import Metrics
+from app.notify import ReloadSocket
 from app.pool.admission import Admission
 from app.pool.leases import PoolLeases
 from app.pool.scheduler import Pool
@@ -128,7 +129,13 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         app.state.sync = sync
         app.state.states = states
 
-        app.state.admin = Admin(gateway, db, registry, sync, writer, states)
+        async def reload() -> None:
+            """Bring the pool, the client keys and every worker in line with the database, now."""
+            await sync.load()
+            if workers is not None:
+                await workers.caught_up()
+
+        app.state.admin = Admin(gateway, db, registry, sync, writer, states, reload)
         runner = BatchRunner(db, dispatcher, clock, models=pool.models, concurrency=settings.batch_concurrency,
                              max_wait=settings.batch_max_wait, max_attempts=settings.batch_max_attempts)
         app.state.batch_runner = runner
@@ -138,11 +145,16 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         runner.start()  # batches left active by an earlier run resume
         if workers is not None:
             await workers.start(leases, writer, observer, sync)
+        notices = ReloadSocket(reload)
+        if await notices.start(settings.db_url) is not None:
+            log.info("changes made with the CLI reach this server at once (%s)", notices.path)
+        app.state.notices = notices
         gc.collect()
         gc.freeze()  # what startup built lives for good: keep it out of every later collection
         try:
             yield
         finally:
+            await notices.close()
             if workers is not None:
                 await workers.stop()  # they finish their requests while the pool and the store are up
             sync_task.cancel()

@@ -1,11 +1,11 @@
 """Keeps the running pool in step with the accounts table and the client keys.
 
-The CLI and the admin API write the database; the server reads it back every ``interval``
-seconds (one cheap query), so an operator's ``accounts disable`` reaches traffic within seconds
-without a restart. Account rows whose ``config_rev`` did not change are left alone. A reloaded
-account takes the runtime state of its row, unless the server has a newer one of its own that is
-still being written (``unsaved``) and the row holds what the server last stored: then the pool's
-stands.
+The CLI and the admin API write the database, then tell a running server to reload at once (the
+admin API calls ``load``; the CLI, over ``app.notify``'s socket); the server also reads it back
+every ``interval`` seconds (one cheap query), for writers that cannot tell it. Account rows whose
+``config_rev`` did not change are left alone. A reloaded account takes the runtime state of its row,
+unless the server has a newer one of its own that is still being written (``unsaved``) and the row
+holds what the server last stored: then the pool's stands.
 """
 
 from __future__ import annotations

@@ -43,6 +43,7 @@ class KeeperLink:
         self._ids = itertools.count(1)
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False
+        self._reload_asked = 0  # the latest ``reload [n]`` the keeper sent
         self.closing = False
 
     async def connect(self, path: str) -> None:
@@ -71,6 +72,7 @@ class KeeperLink:
     def _on_frame(self, frame: Frame) -> None:
         kind = frame[0]
         if kind == "reload":
+            self._reload_asked = max(self._reload_asked, int(frame[1]))
             self._reload()
             return
         future = self._pending.pop(frame[1], None)
@@ -90,10 +92,13 @@ class KeeperLink:
     async def _reload_loop(self) -> None:
         while True:
             self._reload_again = False
+            asked = self._reload_asked
             try:
                 await self._on_reload()
             except Exception:
                 log.exception("reloading accounts after the keeper's notice failed")
+            else:
+                self.send(["reloaded", asked])  # the keeper tells a waiting CLI that every worker has it
             if not self._reload_again:
                 return
 

@@ -16,7 +16,8 @@ Per worker connection:
 - ``free_in [rid, model]`` → ``free_in [rid, seconds|null]``.
 - ``saved [rid]`` → ``saved [rid]`` once the account states changed by the reports before it are
   stored (``PoolLeases.saved``).
-- ``hello [index, pid]``: the worker is serving. The keeper sends ``reload`` after each account sync.
+- ``hello [index, pid]``: the worker is serving. The keeper sends ``reload [n]`` after each account
+  sync (and to a worker as it connects); the worker answers ``reloaded [n]`` once it has reloaded.
 
 A worker that goes away (crash, kill) has its waiting takes withdrawn and its leases released.
 """
@@ -53,6 +54,8 @@ class LeaseServer:
         self._connections: set[_WorkerConnection] = set()
         self._server: asyncio.AbstractServer | None = None
         self._lease_ids = itertools.count(1)
+        self._reloads = 0
+        self._acks = asyncio.Condition()
 
     async def start(self, path: str) -> None:
         loop = asyncio.get_running_loop()
@@ -65,8 +68,33 @@ class LeaseServer:
         return connection.protocol
 
     def broadcast_reload(self) -> None:
+        """Tell every worker to reload the accounts and keys (after the keeper did)."""
+        self._reloads += 1
         for connection in self._connections:
-            connection.send(["reload"])
+            connection.send(["reload", self._reloads])
+
+    async def caught_up(self, timeout: float = 5.0) -> None:
+        """Return once every serving worker has reloaded since the last ``broadcast_reload`` (or after
+        ``timeout`` seconds, with a warning: a stuck worker must not hold up the keeper)."""
+        target = self._reloads
+
+        def done() -> bool:
+            return all(c.acked >= target for c in self._connections if c.serving)
+
+        try:
+            async with asyncio.timeout(timeout), self._acks:
+                await self._acks.wait_for(done)
+        except TimeoutError:
+            late = ", ".join(c.worker for c in self._connections if c.serving and c.acked < target)
+            log.warning("worker(s) %s did not reload within %.0f s", late, timeout)
+
+    async def acked(self) -> None:
+        """A worker reloaded, or went away: wake ``caught_up``."""
+        async with self._acks:
+            self._acks.notify_all()
+
+    def reload_count(self) -> int:
+        return self._reloads
 
     async def close(self) -> None:
         if self._server is not None:
@@ -90,9 +118,13 @@ class _WorkerConnection:
         self._handlers: dict[str, Callable[[Frame], None]] = {
             "take": self._take, "drop": self._drop, "release": self._release,
             "report": self._report, "failed": self._failed, "thread": self._thread, "done": self._done,
-            "free_in": self._free_in, "hello": self._hello, "saved": self._saved,
+            "free_in": self._free_in, "hello": self._hello, "saved": self._saved, "reloaded": self._reloaded,
         }
         self.worker = "?"
+        self.serving = False
+        """The worker said hello: it is serving, and it answers ``reload``."""
+        self.acked = 0
+        """The last ``reload`` the worker has done."""
 
     def send(self, frame: Frame) -> None:
         self._protocol.send(frame)
@@ -109,6 +141,7 @@ class _WorkerConnection:
 
     def _on_lost(self) -> None:
         self._server._connections.discard(self)
+        _spawn(self._server.acked())
         for task in self._takes.values():
             task.cancel()
         self._takes.clear()
@@ -123,8 +156,14 @@ class _WorkerConnection:
     def _hello(self, frame: Frame) -> None:
         index, pid = int(frame[1]), int(frame[2])
         self.worker = f"{index} (pid {pid})"
+        self.serving = True
+        self.send(["reload", self._server.reload_count()])  # what changed while it started
         if self._server._on_hello is not None:
             self._server._on_hello(index, pid)
+
+    def _reloaded(self, frame: Frame) -> None:
+        self.acked = max(self.acked, int(frame[1]))
+        _spawn(self._server.acked())
 
     def _take(self, frame: Frame) -> None:
         rid, model, cost, client, max_wait, session, exclude, batch = frame[1:]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import signal
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable
@@ -21,6 +22,7 @@ from sqlalchemy import text
 
 from app.accounts_config import make_account_spec
 from app.api.auth import Authenticator
+from app.cli import run
 from app.clock import ManualClock
 from app.emulator.moonshot import MoonshotEmulatorConfig, create_moonshot_emulator
 from app.errors import AuthDead, RateLimited
@@ -208,6 +210,30 @@ async def test_a_cooldown_and_a_dead_key_survive_a_sigkill_right_after_the_answe
     keys = emulator.snapshot()["keys"]
     assert (keys["sk-emu-0001"]["requests"], keys["sk-emu-0002"]["requests"]) == (1, 1), \
         "the restarted server sent nothing to the cooling account nor to the dead one"
+
+
+async def test_a_probe_s_verdict_is_not_overwritten_by_the_server(tmp_path: Path) -> None:
+    emulator_app = create_moonshot_emulator(MoonshotEmulatorConfig.simple(keys=2))
+    emulator = emulator_app.state.emulator
+    emulator.script("sk-emu-0001", [{"kind": "rate_limit", "bucket": "rpm", "wait": 900}])
+    db_url = f"sqlite+aiosqlite:///{tmp_path}/kimi-pool.db"
+    async with serve(emulator_app) as emulator_url:
+        accounts = accounts_toml(emulator_url, ["sk-emu-0001", "sk-emu-0002"])
+        async with gateway_process(tmp_path, emulator_url, accounts=accounts) as (process, url, _log):
+            assert await ask(url) == "acct-2"
+            assert (await pool_status(url))["acct-1"]["state"] == "cooling_down"
+
+            assert await asyncio.to_thread(run, ["--db", db_url, "accounts", "check", "acct-1"]) == 0
+            assert (await pool_status(url))["acct-1"]["state"] == "active", "the server adopted it at once"
+            assert {await ask(url) for _ in range(4)} == {"acct-1", "acct-2"}, "acct-1 serves again"
+
+            process.send_signal(signal.SIGTERM)  # a clean stop writes everything the server still holds
+            assert await asyncio.wait_for(process.wait(), 30) == 0
+        with sqlite3.connect(tmp_path / "kimi-pool.db") as db:
+            assert db.execute("SELECT state FROM accounts WHERE name = 'acct-1'").fetchone() == ("active",)
+
+        async with gateway_process(tmp_path, emulator_url, accounts=accounts) as (_process, url, _log):
+            assert (await pool_status(url))["acct-1"]["state"] == "active"
 
 
 async def test_a_sigkill_loses_the_usage_rows_of_the_last_flush_interval_only(tmp_path: Path) -> None:

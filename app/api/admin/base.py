@@ -4,7 +4,7 @@ The admin API is the master key's alone: a client key gets 403, no key or a wron
 with no master key configured it is refused whatever is sent, so it is never open. Every read
 first flushes the write-behind queue, so it sees what the running server has done (a cooldown a
 second ago, the last request's usage); every write runs in one transaction and then reloads the
-pool (``AccountSync.load``), so the change serves traffic before the response is sent.
+pool and every worker (``reload``), so the change serves traffic before the response is sent.
 """
 
 from __future__ import annotations
@@ -50,6 +50,8 @@ class Admin:
     sync: AccountSync
     writer: WriteBehind
     states: StateWriter
+    reload: Callable[[], Awaitable[None]]
+    """Reload the pool, the client keys and every worker from the database (``main``)."""
 
     async def read(self, work: Work[_T]) -> _T:
         """Run ``work(session, now)`` on the database, after writing out what the server has queued."""
@@ -68,7 +70,7 @@ class Admin:
         async with self.db.session() as session, session.begin():
             result = await work(session, self.gateway.clock.time())
         if reload:
-            await self.sync.load()
+            await self.reload()
         return result
 
 
