@@ -33,9 +33,13 @@ class Settings:
     """Longest a request waits in the admission queue for an account with room (per request:
     ``X-Kimi-Pool-Max-Wait``, capped by this)."""
     max_queue: int = 1000
+    max_queue_per_key: int = 250
+    """Most requests of one client key waiting in the admission queue (its share of ``max_queue``)."""
     default_max_tokens: int = 1024
     session_ttl: float = 24 * 3600.0
     """How long a conversation stays bound to its account after its last turn."""
+    max_sessions_per_key: int = 10_000
+    """Most conversation bindings one client key holds; a new one drops its least recently used."""
     """The completion budget charged up front when a request names no ``max_tokens``."""
     idempotency_ttl: float = 24 * 3600.0
     """How long the answer to a request with an ``Idempotency-Key`` is kept for its retries."""
@@ -54,6 +58,10 @@ class Settings:
     interactive requests (which may use the whole)."""
     max_file_bytes: int = 100 * 1024 * 1024
     """The largest file ``POST /v1/files`` takes (batch input files)."""
+    max_files_per_key: int = 10_000
+    """Most files one client key keeps stored (its batches' output files count too)."""
+    max_file_bytes_per_key: int = 10 * 1024 ** 3
+    """Most bytes of files one client key keeps stored (its batches' output files count too)."""
     batch_concurrency: int = 256
     """Most batch requests in flight at once (waiting for an account included); the pool paces them."""
     batch_max_wait: float = 300.0
@@ -91,6 +99,9 @@ class Settings:
         if self.max_file_bytes < 1 or self.batch_concurrency < 1 or self.batch_max_attempts < 1 \
                 or self.batch_max_wait < 0:
             raise ConfigError("the file size limit, batch concurrency and attempts must be positive")
+        if min(self.max_queue_per_key, self.max_sessions_per_key, self.max_files_per_key,
+               self.max_file_bytes_per_key) < 1:
+            raise ConfigError("the per-key caps (queue, sessions, files, file bytes) must be at least 1")
         if not 1 <= self.workers <= 64:
             raise ConfigError(f"workers must be between 1 and 64, not {self.workers}")
         if self.log_format not in LOG_FORMATS:

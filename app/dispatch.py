@@ -30,6 +30,7 @@ from app.errors import (
     UpstreamError,
 )
 from app.pool.account import Account
+from app.pool.admission import KEY_QUEUE_FULL
 from app.pool.context import RequestContext
 from app.pool.leases import Held, Leases
 from app.store.records import UsageRecord
@@ -100,8 +101,8 @@ class Dispatcher:
             if ctx.gone is None:
                 return await self._leases.take(request.model, cost, ctx, tried)
             return await self._take_unless_gone(request.model, cost, ctx, tried, ctx.gone)
-        except (PoolBusy, PoolUnavailable):
-            if last is None:
+        except (PoolBusy, PoolUnavailable) as refused:
+            if last is None or refused.code == KEY_QUEUE_FULL:  # the client's own doing: say so
                 raise
             raise self._no_account(request.model, last, await self._leases.next_free_in(request.model)) from None
         finally:

@@ -35,6 +35,7 @@ from app.api.openai.files import file_routes
 from app.api.openai.models import get_model, list_models
 from app.api.pool_status import pool_status
 from app.api.state import Gateway
+from app.batch.expiry import FileSweeper
 from app.batch.runner import BatchRunner
 from app.batch.service import BatchService
 from app.clock import Clock, SystemClock
@@ -109,8 +110,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         registry = Registry.default(session, clock)
         sync = AccountSync(db, pool, auth, clock, unsaved=states.unsaved)
         await sync.load()
-        admission = Admission(pool, clock, max_queue=settings.max_queue)
-        sessions = SessionTable(ttl=settings.session_ttl)
+        admission = Admission(pool, clock, max_queue=settings.max_queue, max_queue_per_key=settings.max_queue_per_key)
+        sessions = SessionTable(ttl=settings.session_ttl, max_per_client=settings.max_sessions_per_key)
         async with db.session() as db_session:
             sessions.load(await SessionRepository(db_session).load_active(clock.time()))
         sessions.on_change(writer.put_session)
@@ -140,9 +141,14 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
                              max_wait=settings.batch_max_wait, max_attempts=settings.batch_max_attempts)
         app.state.batch_runner = runner
         app.state.workers = workers
-        app.state.batches = BatchService(db, clock, max_file_bytes=settings.max_file_bytes, on_change=runner.notify)
+        sweeper = FileSweeper(db, clock)
+        app.state.file_sweeper = sweeper
+        app.state.batches = BatchService(
+            db, clock, max_file_bytes=settings.max_file_bytes, max_files=settings.max_files_per_key,
+            max_bytes=settings.max_file_bytes_per_key, on_change=runner.notify, on_expiry=sweeper.expiring)
         sync_task = asyncio.create_task(sync.run(settings.sync_interval))
         runner.start()  # batches left active by an earlier run resume
+        sweeper.start()
         if workers is not None:
             await workers.start(leases, writer, observer, sync)
         notices = ReloadSocket(reload)
@@ -161,6 +167,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
             with contextlib.suppress(asyncio.CancelledError):
                 await sync_task
             await runner.close()
+            await sweeper.close()
             await admission.close()
             await registry.close()
             await session.close()

@@ -30,6 +30,17 @@ def serve(
     = 30.0,
     max_queue: Annotated[int, typer.Option(min=0, help="Most requests waiting at once; beyond, 429 at once.")]
     = 1000,
+    max_queue_per_key: Annotated[int, typer.Option(
+        min=1, help="Most requests of one client key waiting at once; beyond, 429 key_queue_share_exceeded.")]
+    = 250,
+    max_sessions_per_key: Annotated[int, typer.Option(
+        min=1, help="Most conversations one client key keeps bound to accounts; a new one drops its least "
+                    "recently used.")] = 10_000,
+    max_files_per_key: Annotated[int, typer.Option(
+        min=1, help="Most files one client key keeps stored (batch outputs count).")] = 10_000,
+    max_file_bytes_per_key: Annotated[int, typer.Option(
+        min=1, metavar="BYTES", help="Most bytes of files one client key keeps stored (batch outputs count).")]
+    = 10 * 1024 ** 3,
     shutdown_grace: Annotated[int, typer.Option(
         min=1, max=3600, help="After SIGTERM, seconds in-flight requests and streams may take to finish.")] = 30,
     interactive_share: Annotated[float, typer.Option(
@@ -53,7 +64,9 @@ def serve(
         "db_url": _state(ctx).db_url, "host": host, "port": port, "accounts_file": accounts, "log_level": log_level,
         "log_format": log_format, "max_wait": max_wait, "max_queue": max_queue,
         "shutdown_grace": float(shutdown_grace), "interactive_share": interactive_share,
-        "batch_concurrency": batch_concurrency, "workers": workers, "flush_interval": flush_interval}
+        "batch_concurrency": batch_concurrency, "workers": workers, "flush_interval": flush_interval,
+        "max_queue_per_key": max_queue_per_key, "max_sessions_per_key": max_sessions_per_key,
+        "max_files_per_key": max_files_per_key, "max_file_bytes_per_key": max_file_bytes_per_key}
     serve_gateway(Settings.from_env(**options), options)
 
 

@@ -93,7 +93,7 @@ class PoolLeases:
             model, cost, client=ctx.client, deadline=now + ctx.max_wait, exclude=exclude,
             prefer=binding.account if binding else None, batch=ctx.batch)
         if ctx.session:
-            ctx.binding = self.bound(ctx.session, binding, lease.account.name)
+            ctx.binding = self.bound(ctx.session, binding, lease.account.name, ctx.client)
         return lease
 
     def try_take(self, model: str, cost: int, ctx: RequestContext, exclude: set[str]) -> Held | None:
@@ -103,13 +103,13 @@ class PoolLeases:
         lease = self._admission.try_acquire(model, cost, deadline=now + ctx.max_wait, exclude=exclude,
                                             prefer=binding.account if binding else None, batch=ctx.batch)
         if lease is not None and ctx.session:
-            ctx.binding = self.bound(ctx.session, binding, lease.account.name)
+            ctx.binding = self.bound(ctx.session, binding, lease.account.name, ctx.client)
         return lease
 
-    def bound(self, session: str, binding: Binding | None, account: str) -> Binding:
-        """The session's binding now that ``account`` took its request: new, moved or touched."""
+    def bound(self, session: str, binding: Binding | None, account: str, client: str | None = None) -> Binding:
+        """The session's binding now that ``account`` took its request for ``client``: new, moved or touched."""
         if binding is None or binding.account != account:
-            return self._sessions.bind(session, account, self._clock.time())  # new, or the session moves
+            return self._sessions.bind(session, account, self._clock.time(), client)  # new, or the session moves
         self._sessions.touch(binding, self._clock.time())
         return binding
 

@@ -105,6 +105,8 @@ class SessionRow(Base):
     turns: Mapped[int | None] = mapped_column(Integer, default=0)
     last_used: Mapped[float] = mapped_column(Float)
     expires_at: Mapped[float] = mapped_column(Float)
+    client_key: Mapped[str | None] = mapped_column(String(64))
+    """The name of the client key whose conversation it is (a key's bindings are capped)."""
 
 
 class ModelAliasRow(Base):
@@ -123,7 +125,8 @@ class FileRow(Base):
     (``batch_output``). ``content`` is deferred: listings never load it."""
 
     __tablename__ = "files"
-    __table_args__ = (Index("ix_files_client_created", "client_key", "created_at"),)
+    __table_args__ = (Index("ix_files_client_created", "client_key", "created_at"),
+                      Index("ix_files_expires_at", "expires_at"))
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     purpose: Mapped[str] = mapped_column(String(32))
@@ -133,6 +136,8 @@ class FileRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
     client_key: Mapped[str | None] = mapped_column(String(64))
     """The name of the client key that owns it (``master``; None on an open gateway)."""
+    expires_at: Mapped[float | None] = mapped_column(Float)
+    """When it is deleted (the upload's ``expires_after``, its batch's ``output_expires_after``); None: kept."""
 
 
 class BatchRow(Base):
@@ -152,6 +157,8 @@ class BatchRow(Base):
     error_file_id: Mapped[str | None] = mapped_column(String(40))
     client_key: Mapped[str | None] = mapped_column(String(64))
     meta: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    output_expires_after: Mapped[float | None] = mapped_column(Float)
+    """Seconds after they are written that its output and error files expire (``output_expires_after``)."""
 
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     """Why the batch failed (its input file), as OpenAI's ``errors.data``; None otherwise."""

@@ -166,9 +166,9 @@ class RemoteLeases:
             raise PoolUnavailable("This kimi-pool worker lost its keeper process; retry shortly.",
                                   retry_after=1.0) from None
         if frame[0] == "refused":
-            _, _, why, message, retry_after = frame
+            _, _, why, message, retry_after, code = frame
             if why == "busy":
-                raise PoolBusy(message, retry_after=retry_after)
+                raise PoolBusy(message, retry_after=retry_after, code=code)
             raise PoolUnavailable(message, retry_after=retry_after)
         _, _, lease_id, name, binding, headroom = frame
         if headroom is not None:

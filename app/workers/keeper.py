@@ -6,8 +6,8 @@ Per worker connection:
 - ``take [rid, model, cost, client, max_wait, session, exclude, batch]`` → ``lease [rid, lease_id,
   account, binding, headroom]`` (``binding``: ``[chat_id, parent_id, turns]`` of the session, or
   null; ``headroom``: the ``x-ratelimit-*`` header pairs when they changed since last sent) or
-  ``refused [rid, "busy"|"unavailable", message, retry_after]``. A take may wait in the admission
-  queue; ``drop [rid]`` withdraws it (the client left).
+  ``refused [rid, "busy"|"unavailable", message, retry_after, code]``. A take may wait in the
+  admission queue; ``drop [rid]`` withdraws it (the client left).
 - ``release [lease_id, tokens, succeeded]``, ``report [lease_id, error]``: the lease's end (and whether
   the upstream answered), or the classified upstream failure (before its release, as in one process).
 - ``thread [session, account, chat_id, parent_id, turns]``: where the session's upstream chat stands.
@@ -178,10 +178,10 @@ class _WorkerConnection:
         try:
             lease = await self._leases.take(model, cost, ctx, exclude)
         except PoolBusy as error:
-            self.send(["refused", rid, "busy", error.message, error.retry_after])
+            self.send(["refused", rid, "busy", error.message, error.retry_after, error.code])
             return
         except PoolUnavailable as error:
-            self.send(["refused", rid, "unavailable", error.message, error.retry_after])
+            self.send(["refused", rid, "unavailable", error.message, error.retry_after, error.code])
             return
         finally:
             self._takes.pop(rid, None)
