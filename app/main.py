@@ -136,7 +136,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
             if workers is not None:
                 await workers.caught_up()
 
-        app.state.admin = Admin(gateway, db, registry, sync, writer, states, reload)
+        app.state.admin = Admin(gateway, db, registry, writer, states, reload)
         runner = BatchRunner(db, dispatcher, clock, models=pool.models, concurrency=settings.batch_concurrency,
                              max_wait=settings.batch_max_wait, max_attempts=settings.batch_max_attempts)
         app.state.batch_runner = runner

@@ -111,6 +111,7 @@ class StateWriter:
             except Exception as exc:
                 log.error("account states of %s could not be stored at shutdown: %s", ", ".join(self._queued),
                           _describe(exc))
+        await self._settle(self._told)  # nobody waits in ``saved`` for a writer that is gone
 
     # --- the task --------------------------------------------------------------------------------
 

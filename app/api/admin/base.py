@@ -28,7 +28,6 @@ from app.store.models import AccountRow
 from app.store.repository import AccountRepository
 from app.store.states import StateWriter
 from app.store.writer import WriteBehind
-from app.sync import AccountSync
 from app.upstreams.registry import Registry
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -47,7 +46,6 @@ class Admin:
     gateway: Gateway
     db: Database
     registry: Registry
-    sync: AccountSync
     writer: WriteBehind
     states: StateWriter
     reload: Callable[[], Awaitable[None]]
