@@ -188,14 +188,19 @@ async def pool_status(url: str) -> dict[str, dict[str, Any]]:
     return {account["name"]: account for account in body["accounts"]}
 
 
-async def test_a_cooldown_and_a_dead_key_survive_a_sigkill_right_after_the_answer(tmp_path: Path) -> None:
+@pytest.mark.parametrize("workers", [0, 2])
+async def test_a_cooldown_and_a_dead_key_survive_a_sigkill_right_after_the_answer(tmp_path: Path,
+                                                                                  workers: int) -> None:
+    """With ``--workers 2`` the request is served by a worker, which waits for the keeper's commit."""
     emulator_app = create_moonshot_emulator(MoonshotEmulatorConfig.simple(keys=3))
     emulator = emulator_app.state.emulator
     emulator.script("sk-emu-0001", [{"kind": "rate_limit", "bucket": "rpm", "wait": 900}])
     emulator.script("sk-emu-0002", [{"kind": "auth"}])
     async with serve(emulator_app) as emulator_url:
         accounts = accounts_toml(emulator_url, ["sk-emu-0001", "sk-emu-0002", "sk-emu-0003"])
-        async with gateway_process(tmp_path, emulator_url, accounts=accounts) as (process, url, _log):
+        extra, ready = (("--workers", str(workers)), f"kimi-pool ready: {workers} workers") if workers else ((), None)
+        async with gateway_process(tmp_path, emulator_url, *extra, accounts=accounts,
+                                   **({"ready": ready} if ready else {})) as (process, url, _log):
             assert await ask(url) == "acct-3", "acct-1 said 429 (wait 900 s), acct-2 401: the request moved on"
             killed_at = time.time()
             process.kill()  # at once: no flush, no clean shutdown
