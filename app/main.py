@@ -128,7 +128,6 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         app.state.idempotency = idempotency
         app.state.writer = writer
         app.state.sync = sync
-        app.state.states = states
 
         async def reload() -> None:
             """Bring the pool, the client keys and every worker in line with the database, now."""
@@ -154,7 +153,6 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         notices = ReloadSocket(reload)
         if await notices.start(settings.db_url) is not None:
             log.info("changes made with the CLI reach this server at once (%s)", notices.path)
-        app.state.notices = notices
         gc.collect()
         gc.freeze()  # what startup built lives for good: keep it out of every later collection
         try:

@@ -8,11 +8,11 @@ migrates) and the upstream ids are forgotten, since they belong to the old accou
 ``SessionTable`` keeps the bindings in memory, O(1) per request. A client key holds at most
 ``max_per_client`` of them: a new conversation beyond that drops the key's least recently used
 binding (a binding only buys affinity: that conversation's next turn is placed afresh), so one key
-cannot fill the table for all. Whatever must outlive a restart
-is announced to the ``on_change`` listeners (the write-behind), but a mere ``touch`` on use is
-announced at most once per ``persist_every`` seconds per binding, so a busy conversation does not
-cost a database write per request. The stored copy may therefore lag a little behind the table,
-which only ever makes it expire a little sooner.
+cannot fill the table for all. Whatever must outlive a restart is announced to the ``on_change``
+listeners (the write-behind), but a mere ``touch`` on use is announced at most once per
+``persist_every`` seconds per binding, so a busy conversation does not cost a database write per
+request. The stored copy may therefore lag a little behind the table, which only ever makes it
+expire a little sooner.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ Per worker connection:
 - ``saved [rid]`` → ``saved [rid]`` once the account states changed by the reports before it are
   stored (``PoolLeases.saved``).
 - ``hello [index, pid]``: the worker is serving. The keeper sends ``reload [n]`` after each account
-  sync (and to a worker as it connects); the worker answers ``reloaded [n]`` once it has reloaded.
+  sync (and to a worker when it says hello); the worker answers ``reloaded [n]`` once it has reloaded.
 
 A worker that goes away (crash, kill) has its waiting takes withdrawn and its leases released.
 """
