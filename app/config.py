@@ -34,14 +34,20 @@ class Settings:
     """Longest a request waits in the admission queue for an account with room (per request:
     ``X-Kimi-Pool-Max-Wait``, capped by this)."""
     max_queue: int = 1000
+    max_queue_per_key: int = 250
+    """Most requests of one client key waiting in the admission queue (its share of ``max_queue``)."""
     default_max_tokens: int = 1024
     session_ttl: float = 24 * 3600.0
     """How long a conversation stays bound to its account after its last turn."""
+    max_sessions_per_key: int = 10_000
+    """Most conversation bindings one client key holds; a new one drops its least recently used."""
     """The completion budget charged up front when a request names no ``max_tokens``."""
     idempotency_ttl: float = 24 * 3600.0
     """How long the answer to a request with an ``Idempotency-Key`` is kept for its retries."""
     sync_interval: float = 2.0
+    """How often the server re-reads accounts and keys (for writers that cannot tell it at once)."""
     flush_interval: float = 1.0
+    """How often usage rows and sessions are written (the write-behind): what a ``kill -9`` may lose."""
     cors_origins: tuple[str, ...] = ("*",)
     log_level: str = "info"
     shutdown_grace: float = 30.0
@@ -53,6 +59,10 @@ class Settings:
     interactive requests (which may use the whole)."""
     max_file_bytes: int = 100 * 1024 * 1024
     """The largest file ``POST /v1/files`` takes (batch input files)."""
+    max_files_per_key: int = 10_000
+    """Most files one client key keeps stored (its batches' output files count too)."""
+    max_file_bytes_per_key: int = 10 * 1024 ** 3
+    """Most bytes of files one client key keeps stored (its batches' output files count too)."""
     batch_concurrency: int = 256
     """Most batch requests in flight at once (waiting for an account included); the pool paces them."""
     batch_max_wait: float = 300.0
@@ -87,6 +97,8 @@ class Settings:
     def validate(self) -> None:
         if not (0 < self.port < 65536):
             raise ConfigError(f"port must be between 1 and 65535, not {self.port}")
+        if not 0 < self.flush_interval <= 3600:
+            raise ConfigError(f"the flush interval must be above 0 and at most 3600 s, not {self.flush_interval!r}")
         if self.max_wait < 0 or self.max_queue < 0 or self.default_max_tokens < 1:
             raise ConfigError("max wait and queue depth must not be negative; default max tokens at least 1")
         if not 0 <= self.interactive_share < 1:
@@ -95,6 +107,9 @@ class Settings:
         if self.max_file_bytes < 1 or self.batch_concurrency < 1 or self.batch_max_attempts < 1 \
                 or self.batch_max_wait < 0:
             raise ConfigError("the file size limit, batch concurrency and attempts must be positive")
+        if min(self.max_queue_per_key, self.max_sessions_per_key, self.max_files_per_key,
+               self.max_file_bytes_per_key) < 1:
+            raise ConfigError("the per-key caps (queue, sessions, files, file bytes) must be at least 1")
         if not 1 <= self.workers <= 64:
             raise ConfigError(f"workers must be between 1 and 64, not {self.workers}")
         if self.max_header_bytes < 1024 or not self.header_timeout > 0 or self.max_connections < 1:

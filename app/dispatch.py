@@ -34,6 +34,7 @@ from app.errors import (
     UpstreamError,
 )
 from app.pool.account import Account
+from app.pool.admission import KEY_QUEUE_FULL
 from app.pool.context import RequestContext
 from app.pool.leases import Held, Leases
 from app.shutdown import Shutdown
@@ -124,8 +125,8 @@ class Dispatcher:
             if ctx.gone is None:
                 return await self._leases.take(request.model, cost, ctx, tried)
             return await self._take_unless_gone(request.model, cost, ctx, tried, ctx.gone)
-        except (PoolBusy, PoolUnavailable):
-            if last is None:
+        except (PoolBusy, PoolUnavailable) as refused:
+            if last is None or refused.code == KEY_QUEUE_FULL:  # the client's own doing: say so
                 raise
             raise self._no_account(request.model, last,
                                    await self._leases.next_free_in(request.model, request.needs)) from None
@@ -182,10 +183,11 @@ class Dispatcher:
             return Thread(binding.chat_id, binding.parent_id, binding.turns, keep=True)
         return Thread(keep=binding is not None)
 
-    def _failed(self, lease: Held, error: UpstreamError, deadline: float, ctx: RequestContext) -> None:
+    async def _failed(self, lease: Held, error: UpstreamError, deadline: float, ctx: RequestContext) -> None:
         self._leases.report(lease, error)  # first, so whoever the release wakes sees the new state
         self._upstream_failed(ctx, lease.account, error)
         lease.release(0)  # a refused request produced no tokens
+        await self._leases.saved()  # a cooldown or a dead key is stored before the request goes on
         if not error.retryable or self._clock.time() > deadline:
             raise error
 
@@ -206,7 +208,7 @@ class Dispatcher:
                     completion = await self._registry.get(account.kind).complete(
                         account, request, account.upstream_models[request.model], thread)
                 except UpstreamError as error:
-                    self._failed(lease, error, deadline, ctx)
+                    await self._failed(lease, error, deadline, ctx)
                     last = error
                     continue
                 except asyncio.CancelledError:
@@ -214,7 +216,7 @@ class Dispatcher:
                     raise
                 except Exception as exc:  # the adapter choked on what the upstream sent: this attempt failed
                     unreadable = self._unreadable(ctx, account, exc)
-                    self._failed(lease, unreadable, deadline, ctx)
+                    await self._failed(lease, unreadable, deadline, ctx)
                     last = unreadable
                     continue
                 except BaseException:
@@ -273,7 +275,7 @@ class Dispatcher:
                 events = None
                 failed = lease
                 lease = None
-                self._failed(failed, error, deadline, ctx)
+                await self._failed(failed, error, deadline, ctx)
                 last = error
             batch: Batch = first
             first_byte = time.perf_counter()
@@ -302,6 +304,7 @@ class Dispatcher:
             if lease is not None and isinstance(error, UpstreamError):
                 self._leases.report(lease, error)
                 self._upstream_failed(ctx, lease.account, error)
+                await self._leases.saved()
             raise
         except (asyncio.CancelledError, GeneratorExit):
             status, outcome = self._cancelled()

@@ -36,6 +36,7 @@ from app.api.openai.files import file_routes
 from app.api.openai.models import get_model, list_models
 from app.api.pool_status import pool_status
 from app.api.state import Gateway
+from app.batch.expiry import FileSweeper
 from app.batch.runner import BatchRunner
 from app.batch.service import BatchService
 from app.clock import Clock, SystemClock
@@ -45,7 +46,7 @@ from app.errors import KimiPoolError
 from app.idempotency import Idempotency
 from app.logs import AccessLog
 from app.metrics import Metrics
-from app.pool.account import Account
+from app.notify import ReloadSocket
 from app.pool.admission import Admission
 from app.pool.leases import PoolLeases
 from app.pool.scheduler import Pool
@@ -56,6 +57,7 @@ from app.store.db import Database
 from app.store.repository import import_config
 from app.store.secrets import server_secret
 from app.store.sessions import SessionRepository
+from app.store.states import StateWriter
 from app.store.writer import WriteBehind
 from app.sync import AccountSync
 from app.upstreams.http import create_session
@@ -110,23 +112,20 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         writer.start()
         app.state.sealer = Sealer(await server_secret(db, KEY_NAME, Sealer.new_key(), clock.time()))
         pool = Pool(clock, interactive_share=settings.interactive_share)
-
-        def persist(account: Account) -> None:
-            if account.state != "disabled":
-                writer.put_state(account.name, account.state, account.until, account.reason)
-
-        pool.on_state_change(persist)
+        states = StateWriter(db, pool, clock)
+        states.start()
+        pool.on_state_change(states.changed)
         session = create_session(settings, connector=transport)
         registry = Registry.default(session, clock)
-        sync = AccountSync(db, pool, auth, clock)
+        sync = AccountSync(db, pool, auth, clock, unsaved=states.unsaved)
         await sync.load()
-        admission = Admission(pool, clock, max_queue=settings.max_queue)
-        sessions = SessionTable(ttl=settings.session_ttl)
+        admission = Admission(pool, clock, max_queue=settings.max_queue, max_queue_per_key=settings.max_queue_per_key)
+        sessions = SessionTable(ttl=settings.session_ttl, max_per_client=settings.max_sessions_per_key)
         async with db.session() as db_session:
             sessions.load(await SessionRepository(db_session).load_active(clock.time()))
         sessions.on_change(writer.put_session)
         observer, metrics_registry = Metrics.registry(pool, admission, clock)
-        leases = PoolLeases(pool, admission, sessions, clock)
+        leases = PoolLeases(pool, admission, sessions, clock, saved=states.saved)
         dispatcher = Dispatcher(leases, registry, writer, clock,
                                 failover_deadline=settings.failover_deadline,
                                 default_max_tokens=settings.default_max_tokens,
@@ -138,30 +137,48 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         app.state.idempotency = idempotency
         app.state.writer = writer
         app.state.sync = sync
-        app.state.admin = Admin(gateway, db, registry, sync, writer)
+
+        async def reload() -> None:
+            """Bring the pool, the client keys and every worker in line with the database, now."""
+            await sync.load()
+            if workers is not None:
+                await workers.caught_up()
+
+        app.state.admin = Admin(gateway, db, registry, writer, states, reload)
         runner = BatchRunner(db, dispatcher, clock, models=pool.models, concurrency=settings.batch_concurrency,
                              max_wait=settings.batch_max_wait, max_attempts=settings.batch_max_attempts)
         app.state.batch_runner = runner
         app.state.workers = workers
-        app.state.batches = BatchService(db, clock, max_file_bytes=settings.max_file_bytes, on_change=runner.notify)
+        sweeper = FileSweeper(db, clock)
+        app.state.file_sweeper = sweeper
+        app.state.batches = BatchService(
+            db, clock, max_file_bytes=settings.max_file_bytes, max_files=settings.max_files_per_key,
+            max_bytes=settings.max_file_bytes_per_key, on_change=runner.notify, on_expiry=sweeper.expiring)
         sync_task = asyncio.create_task(sync.run(settings.sync_interval))
         runner.start()  # batches left active by an earlier run resume
+        sweeper.start()
         if workers is not None:
             await workers.start(leases, writer, observer, sync)
+        notices = ReloadSocket(reload)
+        if await notices.start(settings.db_url) is not None:
+            log.info("changes made with the CLI reach this server at once (%s)", notices.path)
         gc.collect()
         gc.freeze()  # what startup built lives for good: keep it out of every later collection
         try:
             yield
         finally:
+            await notices.close()
             if workers is not None:
                 await workers.stop()  # they finish their requests while the pool and the store are up
             sync_task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await sync_task
             await runner.close()
+            await sweeper.close()
             await admission.close()
             await registry.close()
             await session.close()
+            await states.close()
             await writer.close()
             await db.dispose()
 

@@ -5,8 +5,9 @@ and the account can take requests, all accounts at once, one request each. The a
 account's runtime state: a working account returns to ``active`` (however it was cooling, dead or
 out of credit), a rejected key becomes ``auth_dead``, an empty balance ``quota_exhausted``, a 429
 ``cooling_down``. A failure that says nothing about the account (5xx, network, overload) leaves the
-state alone and is only reported. Writes bump ``config_rev``, so a running server reloads the
-account within one sync interval (``app/sync.py``).
+state alone and is only reported. Writes bump ``config_rev`` and ``state_rev``: a running server
+reloads the account (at once when the CLI tells it, ``app.notify``; else within one sync interval)
+and never overwrites the verdict with an older state of its own (``app.store.states``).
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """Keeps the running pool in step with the accounts table and the client keys.
 
-The CLI and the admin API write the database; the server reads it back every ``interval``
-seconds (one cheap query), so an operator's ``accounts disable`` reaches traffic within seconds
-without a restart. Account rows whose ``config_rev`` did not change are left alone.
+The CLI and the admin API write the database, then tell a running server to reload at once (the
+admin API calls ``load``; the CLI, over ``app.notify``'s socket); the server also reads it back
+every ``interval`` seconds (one cheap query), for writers that cannot tell it. Account rows whose
+``config_rev`` did not change are left alone. A reloaded account takes the runtime state of its row,
+unless the server has a newer one of its own that is still being written (``unsaved``) and the row
+holds what the server last stored: then the pool's stands.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from app.catalogue import Catalogue
 from app.clock import Clock
 from app.errors import ConfigError
 from app.kimi_auth import check_fresh, read_token
-from app.pool.account import Account, State
+from app.pool.account import Account, Runtime, State
 from app.pool.scheduler import Pool
 from app.store.db import Database
 from app.store.models import AccountRow
@@ -26,11 +29,14 @@ from app.store.repository import AccountRepository, AliasRepository, ClientKeyRe
 log = logging.getLogger("kimi_pool.sync")
 
 
-def account_from_row(row: AccountRow, catalogue: Catalogue | None = None, now: float | None = None) -> Account:
+def account_from_row(row: AccountRow, catalogue: Catalogue | None = None, now: float | None = None, *,
+                     runtime: Runtime | None = None) -> Account:
     """The pool's view of a stored account. A secret that cannot be resolved, or a kimi-web token
-    that has lapsed (at ``now``), makes it ``auth_dead`` with the reason."""
+    that has lapsed (at ``now``), makes it ``auth_dead`` with the reason. ``runtime``: the state to
+    take instead of the row's (the server's own, not stored yet)."""
     spec = AccountRepository.to_spec(row)
-    state, reason = State(row.state), row.state_reason
+    name, until, reason = runtime or (row.state, row.state_until, row.state_reason)
+    state = State(name)
     try:
         secret = resolve_secret(spec.secret)
         if spec.kind == "kimi-web" and secret is not None and now is not None:
@@ -39,13 +45,17 @@ def account_from_row(row: AccountRow, catalogue: Catalogue | None = None, now: f
         secret, state, reason = None, State.AUTH_DEAD, exc.message
     if not row.enabled:
         state, reason = State.DISABLED, row.disabled_reason
-    until = row.state_until if state in (State.COOLING_DOWN, State.QUOTA_EXHAUSTED) else None
-    return Account(spec, secret, rev=row.config_rev, state=state, until=until, reason=reason, catalogue=catalogue)
+    until = until if state in (State.COOLING_DOWN, State.QUOTA_EXHAUSTED) else None
+    account = Account(spec, secret, rev=row.config_rev, state=state, until=until, reason=reason, catalogue=catalogue)
+    account.stored = row.state_rev
+    return account
 
 
 class AccountSync:
-    def __init__(self, db: Database, pool: Pool, auth: Authenticator, clock: Clock, *, quiet: bool = False) -> None:
-        """``quiet``: log nothing of the accounts (a worker's copy; the keeper logs them)."""
+    def __init__(self, db: Database, pool: Pool, auth: Authenticator, clock: Clock, *, quiet: bool = False,
+                 unsaved: Callable[[str], bool] | None = None) -> None:
+        """``quiet``: log nothing of the accounts (a worker's copy; the keeper logs them). ``unsaved(name)``:
+        whether the pool holds a state of the account that is not stored yet (``StateWriter.unsaved``)."""
         self._db = db
         self._pool = pool
         self._auth = auth
@@ -57,6 +67,7 @@ class AccountSync:
         self._warned: dict[str, float] = {}  # account → the token expiry it was warned about
         self._listeners: list[Callable[[], None]] = []
         self._quiet = quiet
+        self._unsaved = unsaved
 
     def on_load(self, listener: Callable[[], None]) -> None:
         """Call ``listener()`` after every load (the keeper tells its workers to reload too)."""
@@ -88,7 +99,7 @@ class AccountSync:
             seen.add(row.name)
             current = self._pool.accounts.get(row.name)
             if current is None or current.rev != row.config_rev or rebuild:
-                self._pool.put(account_from_row(row, catalogue, now))
+                self._pool.put(account_from_row(row, catalogue, now, runtime=self._pending(current, row)))
                 if not self._quiet:
                     log.info("account %s loaded (rev %d)", row.name, row.config_rev)
             if row.kind == "kimi-web" and not self._quiet:
@@ -103,6 +114,15 @@ class AccountSync:
             self._loaded.notify_all()
         for listener in self._listeners:
             listener()
+
+    def _pending(self, current: Account | None, row: AccountRow) -> Runtime | None:
+        """The pool's state of the account, if it is newer than the row's: not stored yet, and the row
+        still holds what the server last stored (else someone else wrote a state since, and it wins)."""
+        if current is None or self._unsaved is None or not self._unsaved(row.name):
+            return None
+        if current.stored != row.state_rev or current.state is State.DISABLED:
+            return None
+        return current.runtime
 
     def _warn_lapsing(self, row: AccountRow, now: float) -> None:
         """Log once per token when a kimi-web login is about to lapse (there is no refresh flow)."""

@@ -17,7 +17,7 @@ def _seconds(ts: float | None) -> int | None:
 def file_object(row: FileRow) -> dict[str, Any]:
     return {"id": row.id, "object": "file", "bytes": row.size, "created_at": int(row.created_at),
             "filename": row.filename, "purpose": row.purpose, "status": "processed", "status_details": None,
-            "expires_at": None}
+            "expires_at": _seconds(row.expires_at)}
 
 
 def batch_object(row: BatchRow) -> dict[str, Any]:

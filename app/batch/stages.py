@@ -15,6 +15,7 @@ from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
+from app.batch.expiry import DEFAULT_EXPIRY
 from app.batch.input import InputLine, parse_input
 from app.batch.lines import error_line, jsonl, new_id
 from app.errors import InvalidRequest
@@ -98,7 +99,8 @@ async def close_batch(db: Database, batch_id: str, *, status: str, owner: str | 
     """Finish a batch with nothing in flight: ``cancelling`` becomes ``cancelled``; one past its
     expiry with requests never sent, ``expired`` (those requests fail with ``batch_cancelled`` /
     ``batch_expired``); one with every result stored goes ``finalizing``, then ``completed``. The
-    output and error files are written with the final status. None: the batch still has pending
+    output and error files are written with the final status, to expire as the batch's
+    ``output_expires_after`` says (30 days by default). None: the batch still has pending
     requests and may go on (``status`` is ``in_progress``, before its expiry)."""
     async with db.session() as session:
         pending = await BatchRepository(session).count_pending(batch_id)
@@ -119,6 +121,8 @@ async def close_batch(db: Database, batch_id: str, *, status: str, owner: str | 
     try:
         async with db.session() as session, session.begin():
             batches = BatchRepository(session)
+            keep = await batches.output_expiry(batch_id)
+            files_expire = now + (DEFAULT_EXPIRY if keep is None else keep)
             if stop:
                 await batches.settle_pending(batch_id, lambda custom_id: error_line(custom_id, code, message), now)
             files: dict[str, str] = {}
@@ -127,7 +131,8 @@ async def close_batch(db: Database, batch_id: str, *, status: str, owner: str | 
                 if content:
                     files[suffix] = file_id = new_id("file-")
                     await FileRepository(session).add(file_id, purpose=OUTPUT_PURPOSE, content=content, owner=owner,
-                                                      filename=f"{batch_id}_{suffix}.jsonl", now=now)
+                                                      filename=f"{batch_id}_{suffix}.jsonl", now=now,
+                                                      expires_at=files_expire)
             if not await batches.move(batch_id, final, now, expect=(status,), output_file_id=files.get("output"),
                                       error_file_id=files.get("error")):
                 raise _Moved

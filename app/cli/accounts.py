@@ -15,6 +15,7 @@ from app.cli.support import cli_state as _state
 from app.cli.support import console as _console
 from app.cli.support import human_time as _human_time
 from app.cli.support import in_db as _in_db
+from app.cli.support import tell_running_server
 from app.config import Settings
 from app.errors import ConfigError
 from app.kimi_auth import TokenInfo, check_fresh
@@ -65,7 +66,7 @@ def accounts_add(
     expiry = ""
     if spec.kind == "kimi-web" and spec.secret and not spec.secret.startswith("env:"):
         expiry = f", token expires {check_fresh(spec.secret, now, spec.name).describe(now)}"
-    _in_db(ctx, lambda session, now: AccountRepository(session).add(spec, now))
+    _in_db(ctx, lambda session, now: AccountRepository(session).add(spec, now), change=True)
     typer.echo(f"added account {spec.name} ({spec.kind}{expiry})")
 
 
@@ -103,21 +104,22 @@ def accounts_disable(
     reason: Annotated[str, typer.Option(metavar="TEXT", help="Shown by 'accounts list'.")] = OPERATOR_REASON,
 ) -> None:
     """Take an account out of the pool until it is enabled again."""
-    _in_db(ctx, lambda session, now: AccountRepository(session).set_enabled(name, False, reason, now))
+    _in_db(ctx, lambda session, now: AccountRepository(session).set_enabled(name, False, reason, now),
+           change=True)
     typer.echo(f"disabled account {name}")
 
 
 @accounts_app.command("enable")
 def accounts_enable(ctx: typer.Context, name: Annotated[str, typer.Argument(show_default=False)]) -> None:
     """Put an account back in the pool; also clears a dead, cooling or exhausted state."""
-    _in_db(ctx, lambda session, now: AccountRepository(session).set_enabled(name, True, None, now))
+    _in_db(ctx, lambda session, now: AccountRepository(session).set_enabled(name, True, None, now), change=True)
     typer.echo(f"enabled account {name} (state reset to active)")
 
 
 @accounts_app.command("remove")
 def accounts_remove(ctx: typer.Context, name: Annotated[str, typer.Argument(show_default=False)]) -> None:
     """Delete an account. Its usage history is kept."""
-    _in_db(ctx, lambda session, _now: AccountRepository(session).remove(name), scrub=True)
+    _in_db(ctx, lambda session, _now: AccountRepository(session).remove(name), scrub=True, change=True)
     typer.echo(f"removed account {name}")
 
 
@@ -133,7 +135,7 @@ def accounts_import(
     async def upsert_all(session: AsyncSession, now: float) -> list[str]:
         return list(await import_config(session, config, now))
 
-    results = _in_db(ctx, upsert_all, scrub=True)  # an updated account may have had its key replaced
+    results = _in_db(ctx, upsert_all, scrub=True, change=True)  # an updated account may have had its key replaced
     counts = ", ".join(f"{results.count(what)} {what}" for what in ("created", "updated", "unchanged"))
     aliases = f"; {len(config.aliases)} alias(es)" if config.aliases else ""
     typer.echo(f"imported {path}: {counts}{aliases}")
@@ -151,7 +153,8 @@ def accounts_check(
 
     A working account goes back to active; a rejected key becomes auth_dead; no credit, quota_exhausted.
 
-    A running server picks the change up within seconds. Exit status 0 if every probed account works, else 1.
+    A running server on the same SQLite database adopts the new states at once. Exit status 0 if every probed
+    account works, else 1.
     """
     from app.probe import ProbeResult, probe_accounts  # the upstream client: only for the commands using it
     from app.upstreams.http import create_session
@@ -167,11 +170,14 @@ def accounts_check(
             async with create_session(settings) as session:
                 registry = Registry.default(session, state.clock)
                 try:
-                    return await probe_accounts(database, registry, state.clock, None if name is None else [name])
+                    results = await probe_accounts(database, registry, state.clock,
+                                                   None if name is None else [name])
                 finally:
                     await registry.close()
         finally:
             await database.dispose()
+        await tell_running_server(state.db_url)
+        return results
 
     results = asyncio.run(check())
     if as_json:

@@ -20,7 +20,7 @@ keys_app = typer.Typer(name="keys", no_args_is_help=True,
 @keys_app.command("create")
 def keys_create(ctx: typer.Context, name: Annotated[str, typer.Argument(show_default=False)]) -> None:
     """Create a client API key and print it. Only its hash is stored: it is shown this once."""
-    key = _in_db(ctx, lambda session, now: ClientKeyRepository(session).create(name, now))
+    key = _in_db(ctx, lambda session, now: ClientKeyRepository(session).create(name, now), change=True)
     typer.echo(key)
     typer.echo(f"key {name} created; it will not be shown again, so store it now", err=True)
 
@@ -50,5 +50,5 @@ def keys_list(
 @keys_app.command("revoke")
 def keys_revoke(ctx: typer.Context, name: Annotated[str, typer.Argument(show_default=False)]) -> None:
     """Revoke a client API key; requests with it are refused from then on."""
-    revoked = _in_db(ctx, lambda session, now: ClientKeyRepository(session).revoke(name, now))
+    revoked = _in_db(ctx, lambda session, now: ClientKeyRepository(session).revoke(name, now), change=True)
     typer.echo(f"revoked key {name}" if revoked else f"key {name} was already revoked")

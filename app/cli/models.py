@@ -52,13 +52,13 @@ def models_alias(
         metavar="ID", help="Served by kimi-ai-chat accounts as ID (kimi-k2-instruct-0905, kimi-k2-instruct).")]
     = None,
 ) -> None:
-    """Create or replace an alias. The running server picks it up within seconds."""
+    """Create or replace an alias. A running server serves it at once."""
     targets = {kind: model for kind, model in zip(ACCOUNT_KINDS, (moonshot, kimi_web, kimi_ai_chat), strict=True)
                if model is not None}
     if not targets:
         raise ConfigError("give at least one of --moonshot, --kimi-web, --kimi-ai-chat")
     alias = make_alias(name, targets)
-    result = _in_db(ctx, lambda session, now: AliasRepository(session).put(alias, now))
+    result = _in_db(ctx, lambda session, now: AliasRepository(session).put(alias, now), change=True)
     typer.echo(f"alias {name} {result}: " + ", ".join(f"{kind} as {model}" for kind, model in alias.targets.items()))
 
 
@@ -76,6 +76,6 @@ def models_unalias(
             return True
         return await repo.remove(name)
 
-    if not _in_db(ctx, remove):
+    if not _in_db(ctx, remove, change=True):
         raise ConfigError(f"no alias named {name}")
     typer.echo(f"removed alias {name}")

@@ -30,6 +30,17 @@ def serve(
     = 30.0,
     max_queue: Annotated[int, typer.Option(min=0, help="Most requests waiting at once; beyond, 429 at once.")]
     = 1000,
+    max_queue_per_key: Annotated[int, typer.Option(
+        min=1, help="Most requests of one client key waiting at once; beyond, 429 key_queue_share_exceeded.")]
+    = 250,
+    max_sessions_per_key: Annotated[int, typer.Option(
+        min=1, help="Most conversations one client key keeps bound to accounts; a new one drops its least "
+                    "recently used.")] = 10_000,
+    max_files_per_key: Annotated[int, typer.Option(
+        min=1, help="Most files one client key keeps stored (batch outputs count).")] = 10_000,
+    max_file_bytes_per_key: Annotated[int, typer.Option(
+        min=1, metavar="BYTES", help="Most bytes of files one client key keeps stored (batch outputs count).")]
+    = 10 * 1024 ** 3,
     shutdown_grace: Annotated[int, typer.Option(
         min=1, max=3600, help="After SIGTERM, seconds in-flight requests and streams may take to finish.")] = 30,
     interactive_share: Annotated[float, typer.Option(
@@ -48,6 +59,9 @@ def serve(
     max_connections: Annotated[int, typer.Option(
         min=1, help="Most connections open at once, per serving process; beyond, new ones get 503. Lowered if "
                     "the open-files limit cannot hold them.")] = 10_000,
+    flush_interval: Annotated[float, typer.Option(
+        min=0.01, max=3600, help="Seconds between writes of usage rows and sessions: what a crash may lose "
+                                 "(account states are written at once).")] = 1.0,
 ) -> None:
     """Serve the OpenAI-compatible gateway. The database is migrated to the current schema first."""
     if log_level not in ("debug", "info", "warning", "error"):
@@ -59,7 +73,9 @@ def serve(
         "log_format": log_format, "max_wait": max_wait, "max_queue": max_queue,
         "shutdown_grace": float(shutdown_grace), "interactive_share": interactive_share,
         "batch_concurrency": batch_concurrency, "workers": workers, "max_header_bytes": max_header_bytes,
-        "header_timeout": header_timeout, "max_connections": max_connections}
+        "header_timeout": header_timeout, "max_connections": max_connections, "flush_interval": flush_interval,
+        "max_queue_per_key": max_queue_per_key, "max_sessions_per_key": max_sessions_per_key,
+        "max_files_per_key": max_files_per_key, "max_file_bytes_per_key": max_file_bytes_per_key}
     serve_gateway(Settings.from_env(**options), options)
 
 

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.clock import Clock
 from app.errors import ConfigError
+from app.notify import tell_server
 from app.store.db import Database
 from app.when import duration_seconds
 
@@ -36,8 +37,12 @@ def cli_state(ctx: typer.Context) -> CliState:
     return state
 
 
-def in_db(ctx: typer.Context, work: Callable[[AsyncSession, float], Awaitable[_T]], *, scrub: bool = False) -> _T:
+def in_db(ctx: typer.Context, work: Callable[[AsyncSession, float], Awaitable[_T]], *, change: bool = False,
+          scrub: bool = False) -> _T:
     """Open the database, bring its schema up to date, run ``work`` in one transaction, close.
+
+    ``change``: the work changes what a running server serves with (accounts, keys, aliases): once it
+    is committed, tell a server running on this database to reload now (``tell_running_server``).
     ``scrub``: the work removed or replaced a secret; truncate the WAL afterwards (``Database.scrub``),
     which a running server's open connections would otherwise keep."""
     state = cli_state(ctx)
@@ -50,11 +55,21 @@ def in_db(ctx: typer.Context, work: Callable[[AsyncSession, float], Awaitable[_T
                 result = await work(session, state.clock.time())
             if scrub:
                 await database.scrub()
-            return result
         finally:
             await database.dispose()
+        if change:
+            await tell_running_server(state.db_url)
+        return result
 
     return asyncio.run(main())
+
+
+async def tell_running_server(db_url: str) -> None:
+    """Have a server running on ``db_url`` reload at once, workers included (``app.notify``). No server:
+    nothing to do. One that cannot be told: a warning, not an error; it reloads within seconds anyway."""
+    problem = await tell_server(db_url)
+    if problem is not None:
+        print(f"{PROG}: warning: {problem}; it picks the change up within its sync interval (2 s)", file=sys.stderr)
 
 
 def console() -> Console:

@@ -33,6 +33,10 @@ _ALLOWED: dict[State, frozenset[State]] = {
 }
 
 
+Runtime = tuple[str, float | None, str | None]
+"""An account's runtime state as stored: (state, until, reason)."""
+
+
 class IllegalTransition(RuntimeError):
     pass
 
@@ -42,7 +46,7 @@ class Account:
 
     __slots__ = (
         "capabilities", "in_flight", "kind", "limits", "models", "name", "reason", "rev", "secret", "spec", "state",
-        "streak", "until", "upstream_models", "weight",
+        "stored", "streak", "until", "upstream_models", "weight",
     )
 
     def __init__(
@@ -75,6 +79,15 @@ class Account:
         self.in_flight = 0
         self.streak = 0
         """Consecutive rate-limit answers; escalates cooldowns, reset by a success."""
+        self.stored: int | None = None
+        """The revision of the runtime state stored for this account (``state_rev``), as far as this
+        server knows: read with the row, or written by this server since. A state write expects to
+        find it there, so it never overwrites a state someone else (a probe, an operator) wrote since."""
+
+    @property
+    def runtime(self) -> Runtime:
+        """The state as the database stores it."""
+        return (self.state.value, self.until, self.reason)
 
     def __repr__(self) -> str:
         return f"<Account {self.name} {self.state} in_flight={self.in_flight}>"

@@ -5,7 +5,8 @@ coming back) wakes the queue at once; a window rolling over or a cooldown ending
 one timer on the injected clock, armed for the earliest such moment. Each pass serves the waiting
 client keys in turn, one request each, so a batch key with thousands queued cannot starve a chat
 UI's key. A request that cannot be served before its deadline is refused at once with the honest
-time until the pool could take it; so is one that finds the queue full.
+time until the pool could take it; so is one that finds the queue full, or its client key's share
+of it (``max_queue_per_key``) taken, so one key cannot fill the queue for all.
 
 *Batch* requests (``batch=True``, the batch runner's) wait in a queue of their own, served only
 after every interactive waiter that can be served has been: a waiting chat request always goes
@@ -24,6 +25,8 @@ from app.errors import PoolBusy, PoolUnavailable
 from app.pool.scheduler import Lease, Pool
 
 LOOKAHEAD = 8
+KEY_QUEUE_FULL = "key_queue_share_exceeded"
+"""The code of the 429 for a request whose client key has its share of the queue waiting already."""
 
 
 class _Waiter:
@@ -44,10 +47,12 @@ class _Waiter:
 
 
 class Admission:
-    def __init__(self, pool: Pool, clock: Clock, *, max_queue: int = 1000) -> None:
+    def __init__(self, pool: Pool, clock: Clock, *, max_queue: int = 1000,
+                 max_queue_per_key: int | None = None) -> None:
         self._pool = pool
         self._clock = clock
         self._max_queue = max_queue
+        self._max_per_key = max_queue if max_queue_per_key is None else max_queue_per_key
         self._queues: OrderedDict[str, deque[_Waiter]] = OrderedDict()
         self._batch_queues: OrderedDict[str, deque[_Waiter]] = OrderedDict()
         self._depth = 0
@@ -124,6 +129,9 @@ class Admission:
         if (self._depth if batch else self._depth - self._batch_depth) >= self._max_queue:
             raise PoolBusy(f"The queue is full ({self._max_queue} waiting); retry shortly.",
                            retry_after=max(1.0, at - now))
+        if not batch and len(self._queues.get(client or "", ())) >= self._max_per_key:
+            raise PoolBusy(f"This client key has {self._max_per_key} requests waiting already, its share of the "
+                           "queue; retry shortly.", retry_after=max(1.0, at - now), code=KEY_QUEUE_FULL)
         future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(model, cost, client or "", exclude, prefer, deadline, future, batch, needs)
         self._queues_of(waiter).setdefault(waiter.client, deque()).append(waiter)

@@ -8,6 +8,7 @@ so limits, cooldowns, sessions and the round-robin position stay one set for eve
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Protocol
 
 from app.clock import Clock
@@ -53,6 +54,11 @@ class Leases(Protocol):
 
     def succeeded(self, held: Held) -> None: ...
 
+    async def saved(self) -> None:
+        """Return once the account states reported so far are stored, so that a server killed right
+        after (a cooldown begun, a key found dead) still respects them when it starts again."""
+        ...
+
     def keep_thread(self, ctx: RequestContext, thread: Thread) -> None:
         """Remember in the session where its upstream chat now stands."""
         ...
@@ -79,8 +85,11 @@ class Leases(Protocol):
 class PoolLeases:
     """``Leases`` from this process's pool, admission queue and session table."""
 
-    def __init__(self, pool: Pool, admission: Admission, sessions: SessionTable, clock: Clock) -> None:
+    def __init__(self, pool: Pool, admission: Admission, sessions: SessionTable, clock: Clock, *,
+                 saved: Callable[[], Awaitable[None]] | None = None) -> None:
+        """``saved``: returns once the pool's state changes are stored (``StateWriter.saved``)."""
         self._pool = pool
+        self._saved = saved
         self._admission = admission
         self._sessions = sessions
         self._clock = clock
@@ -94,7 +103,7 @@ class PoolLeases:
             model, cost, client=ctx.client, deadline=now + ctx.max_wait, exclude=exclude,
             prefer=binding.account if binding else None, batch=ctx.batch, needs=ctx.needs)
         if ctx.session:
-            ctx.binding = self.bound(ctx.session, binding, lease.account.name)
+            ctx.binding = self.bound(ctx.session, binding, lease.account.name, ctx.client)
         return lease
 
     def try_take(self, model: str, cost: int, ctx: RequestContext, exclude: set[str]) -> Held | None:
@@ -105,13 +114,13 @@ class PoolLeases:
                                             prefer=binding.account if binding else None, batch=ctx.batch,
                                             needs=ctx.needs)
         if lease is not None and ctx.session:
-            ctx.binding = self.bound(ctx.session, binding, lease.account.name)
+            ctx.binding = self.bound(ctx.session, binding, lease.account.name, ctx.client)
         return lease
 
-    def bound(self, session: str, binding: Binding | None, account: str) -> Binding:
-        """The session's binding now that ``account`` took its request: new, moved or touched."""
+    def bound(self, session: str, binding: Binding | None, account: str, client: str | None = None) -> Binding:
+        """The session's binding now that ``account`` took its request for ``client``: new, moved or touched."""
         if binding is None or binding.account != account:
-            return self._sessions.bind(session, account, self._clock.time())  # new, or the session moves
+            return self._sessions.bind(session, account, self._clock.time(), client)  # new, or the session moves
         self._sessions.touch(binding, self._clock.time())
         return binding
 
@@ -120,6 +129,10 @@ class PoolLeases:
 
     def succeeded(self, held: Held) -> None:
         self._pool.succeeded(held.account)
+
+    async def saved(self) -> None:
+        if self._saved is not None:
+            await self._saved()
 
     def keep_thread(self, ctx: RequestContext, thread: Thread) -> None:
         binding = ctx.binding

@@ -25,7 +25,7 @@ from app.pool.limits import Charge
 StateListener = Callable[[Account], None]
 
 MAX_COOLDOWN = 300.0
-"""Repeated rate limits double the wait, up to this many seconds."""
+"""Repeated rate limits double the wait, up to this many seconds (a longer wait the upstream names is kept)."""
 
 
 class Lease:
@@ -273,7 +273,8 @@ class Pool:
             account.limits.learn(error.bucket, error.limit, account.in_flight, now)
             if account.state is State.QUOTA_EXHAUSTED:
                 return
-            wait = min(MAX_COOLDOWN, max(error.retry_after, 1.0) * (2 ** min(account.streak, 8)))
+            asked = max(error.retry_after, 1.0)  # the upstream's own wait is honoured in full; repeats
+            wait = max(asked, min(MAX_COOLDOWN, asked * (2 ** min(account.streak, 8))))  # escalate up to 5 min
             account.streak += 1
             until = now + wait
             if account.state is State.COOLING_DOWN and account.until is not None and account.until > until:

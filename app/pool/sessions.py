@@ -5,17 +5,21 @@ conversation and, for web upstreams, the upstream chat id and last message id. L
 the same account; when it cannot serve, the caller rebinds the key to another account (the session
 migrates) and the upstream ids are forgotten, since they belong to the old account.
 
-``SessionTable`` keeps the bindings in memory, O(1) per request. Whatever must outlive a restart
-is announced to the ``on_change`` listeners (the write-behind), but a mere ``touch`` on use is
-announced at most once per ``persist_every`` seconds per binding, so a busy conversation does not
-cost a database write per request. The stored copy may therefore lag a little behind the table,
-which only ever makes it expire a little sooner.
+``SessionTable`` keeps the bindings in memory, O(1) per request. A client key holds at most
+``max_per_client`` of them: a new conversation beyond that drops the key's least recently used
+binding (a binding only buys affinity: that conversation's next turn is placed afresh), so one key
+cannot fill the table for all. Whatever must outlive a restart is announced to the ``on_change``
+listeners (the write-behind), but a mere ``touch`` on use is announced at most once per
+``persist_every`` seconds per binding, so a busy conversation does not cost a database write per
+request. The stored copy may therefore lag a little behind the table, which only ever makes it
+expire a little sooner.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -88,19 +92,24 @@ class Binding:
     """How many of the conversation's messages (the answer included) the upstream chat holds."""
     last_used: float
     expires_at: float
+    client: str | None = None
+    """The name of the client key whose conversation it is (None: an open gateway)."""
 
 
 class SessionTable:
     """The live bindings, by key. ``ttl`` is refreshed by every use; expired bindings are dropped
     lazily by ``get`` and in bulk by ``purge_expired``."""
 
-    def __init__(self, *, ttl: float = DEFAULT_TTL, persist_every: float = PERSIST_EVERY) -> None:
-        if ttl <= 0 or persist_every < 0:
-            raise ValueError("need ttl > 0 and persist_every >= 0")
+    def __init__(self, *, ttl: float = DEFAULT_TTL, persist_every: float = PERSIST_EVERY,
+                 max_per_client: int | None = None) -> None:
+        if ttl <= 0 or persist_every < 0 or (max_per_client is not None and max_per_client < 1):
+            raise ValueError("need ttl > 0, persist_every >= 0 and max_per_client >= 1")
         self._ttl = ttl
         self._persist_every = persist_every
+        self._max_per_client = max_per_client
         self._bindings: dict[str, Binding] = {}
         self._by_account: dict[str, dict[str, Binding]] = {}
+        self._by_client: dict[str | None, OrderedDict[str, Binding]] = {}  # least recently used first
         self._announced: dict[str, float] = {}  # key → when its binding was last handed to the listeners
         self._listeners: list[SessionListener] = []
 
@@ -127,14 +136,15 @@ class SessionTable:
             return None
         return binding
 
-    def bind(self, key: str, account: str, now: float) -> Binding:
-        """Bind ``key`` to ``account``: a new session, or a migration (which forgets the upstream ids
-        of the old account). Refreshes the TTL and always announces the binding."""
+    def bind(self, key: str, account: str, now: float, client: str | None = None) -> Binding:
+        """Bind ``key`` to ``account``: a new session of ``client`` (which may drop that client's least
+        recently used one), or a migration (which forgets the upstream ids of the old account).
+        Refreshes the TTL and always announces the binding."""
         binding = self._bindings.get(key)
         if binding is None:
-            binding = Binding(key=key, account=account, last_used=now, expires_at=now + self._ttl)
-            self._bindings[key] = binding
-            self._by_account.setdefault(account, {})[key] = binding
+            binding = Binding(key=key, account=account, last_used=now, expires_at=now + self._ttl, client=client)
+            self._add(binding)
+            self._make_room(client, keep=key)
         else:
             if binding.account != account:
                 self._unindex(binding)
@@ -144,6 +154,7 @@ class SessionTable:
                 self._by_account.setdefault(account, {})[key] = binding
             binding.last_used = now
             binding.expires_at = now + self._ttl
+            self._used(binding)
         self._announce(binding, now)
         return binding
 
@@ -156,6 +167,7 @@ class SessionTable:
             return False
         binding.last_used = now
         binding.expires_at = now + self._ttl
+        self._used(binding)
         if now - self._announced.get(binding.key, -self._persist_every) >= self._persist_every:
             self._announce(binding, now)
         return True
@@ -173,11 +185,13 @@ class SessionTable:
         binding.turns = turns
         binding.last_used = now
         binding.expires_at = now + self._ttl
+        self._used(binding)
         self._announce(binding, now)
         return True
 
     def drop(self, key: str) -> Binding | None:
-        """Forget ``key`` (e.g. its account was removed) and announce it as expired."""
+        """Forget ``key`` (e.g. its account was removed, or its client key holds too many) and announce
+        it as expired."""
         binding = self._bindings.get(key)
         if binding is None:
             return None
@@ -188,17 +202,18 @@ class SessionTable:
         return binding
 
     def load(self, bindings: Iterable[Binding]) -> None:
-        """Take bindings read from the store (at start). Nothing is announced; a binding already in
-        the table wins over an older stored one."""
+        """Take bindings read from the store (at start), least recently used first; a binding already in
+        the table wins over an older stored one. Beyond a client's cap its least recently used ones are
+        dropped (announced as expired, like any drop)."""
         for binding in bindings:
             held = self._bindings.get(binding.key)
             if held is not None:
                 if held.last_used >= binding.last_used:
                     continue
                 self._forget(held)
-            self._bindings[binding.key] = binding
-            self._by_account.setdefault(binding.account, {})[binding.key] = binding
+            self._add(binding)
             self._announced[binding.key] = binding.last_used
+            self._make_room(binding.client, keep=binding.key)
 
     def purge_expired(self, now: float) -> int:
         """Drop every expired binding (nothing is announced: the stored copies expire on their own)."""
@@ -211,7 +226,32 @@ class SessionTable:
         """The bindings held for an account (expired ones included until they are dropped)."""
         return list(self._by_account.get(name, {}).values())
 
+    def count_for(self, client: str | None) -> int:
+        """How many bindings ``client`` holds (expired ones included until they are dropped)."""
+        return len(self._by_client.get(client, ()))
+
     # --- internals ------------------------------------------------------------------------------
+
+    def _add(self, binding: Binding) -> None:
+        self._bindings[binding.key] = binding
+        self._by_account.setdefault(binding.account, {})[binding.key] = binding
+        self._by_client.setdefault(binding.client, OrderedDict())[binding.key] = binding
+
+    def _used(self, binding: Binding) -> None:
+        held = self._by_client.get(binding.client)
+        if held is not None and binding.key in held:
+            held.move_to_end(binding.key)
+
+    def _make_room(self, client: str | None, *, keep: str) -> None:
+        """Drop ``client``'s least recently used bindings beyond the cap (never ``keep``, the newest)."""
+        held = self._by_client.get(client)
+        if self._max_per_client is None or held is None:
+            return
+        while len(held) > self._max_per_client:
+            oldest = next(iter(held))
+            if oldest == keep:
+                break
+            self.drop(oldest)
 
     def _announce(self, binding: Binding, now: float) -> None:
         self._announced[binding.key] = now
@@ -222,6 +262,11 @@ class SessionTable:
         del self._bindings[binding.key]
         self._announced.pop(binding.key, None)
         self._unindex(binding)
+        held = self._by_client.get(binding.client)
+        if held is not None:
+            held.pop(binding.key, None)
+            if not held:
+                del self._by_client[binding.client]
 
     def _unindex(self, binding: Binding) -> None:
         keys = self._by_account.get(binding.account)

@@ -2,7 +2,9 @@
 
 Like every repository these flush but never commit: the caller owns the transaction. An ``owner``
 scopes what a caller sees: a client key's name sees the rows it made, the master key
-(``MASTER_KEY_NAME``) every row, and None (an open gateway) the rows made without a key.
+(``MASTER_KEY_NAME``) every row, and None (an open gateway) the rows made without a key. A file
+past its ``expires_at`` is gone for the reads that are given ``now``, before ``purge_expired``
+deletes it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,13 @@ def _owned(column: InstrumentedAttribute[str | None], owner: str | None) -> Colu
     return column.is_(None) if owner is None else column == owner
 
 
+def _live(now: float | None) -> ColumnElement[bool]:
+    """Files not expired at ``now`` (every file when ``now`` is None)."""
+    if now is None:
+        return true()
+    return or_(FileRow.expires_at.is_(None), FileRow.expires_at > now)
+
+
 def _after(created: InstrumentedAttribute[float], ident: InstrumentedAttribute[str], at: float, after: str,
            descending: bool) -> ColumnElement[bool]:
     """Rows past the cursor row (``at``, ``after``) in (created_at, id) order."""
@@ -57,24 +66,42 @@ class FileRepository:
         self._session = session
 
     async def add(self, file_id: str, *, purpose: str, filename: str, content: bytes, owner: str | None,
-                  now: float) -> FileRow:
+                  now: float, expires_at: float | None = None) -> FileRow:
         row = FileRow(id=file_id, purpose=purpose, filename=filename, size=len(content), content=content,
-                      created_at=now, client_key=owner)
+                      created_at=now, client_key=owner, expires_at=expires_at)
         self._session.add(row)
         await self._session.flush()
         return row
 
-    async def get(self, file_id: str, owner: str | None) -> FileRow | None:
+    async def get(self, file_id: str, owner: str | None, now: float | None = None) -> FileRow | None:
         return await self._session.scalar(
-            select(FileRow).where(FileRow.id == file_id, _owned(FileRow.client_key, owner)))
+            select(FileRow).where(FileRow.id == file_id, _owned(FileRow.client_key, owner), _live(now)))
+
+    async def held(self, owner: str | None, now: float) -> tuple[int, int]:
+        """How many files, and bytes, ``owner`` itself keeps (not expired at ``now``); the master key
+        counts its own files only."""
+        who = FileRow.client_key.is_(None) if owner is None else FileRow.client_key == owner
+        count, size = (await self._session.execute(
+            select(func.count(), func.coalesce(func.sum(FileRow.size), 0)).where(who, _live(now)))).one()
+        return int(count), int(size)
+
+    async def purge_expired(self, now: float) -> int:
+        """Delete the files expired at ``now``; how many there were."""
+        result = await self._session.execute(
+            delete(FileRow).where(FileRow.expires_at <= now).execution_options(synchronize_session=False))
+        return int(cast(CursorResult[Any], result).rowcount or 0)
+
+    async def next_expiry(self) -> float | None:
+        """When the next file expires (None: none will)."""
+        return await self._session.scalar(select(func.min(FileRow.expires_at)))
 
     async def content(self, file_id: str) -> bytes | None:
         return await self._session.scalar(select(FileRow.content).where(FileRow.id == file_id))
 
     async def page(self, owner: str | None, *, limit: int, after: str | None = None, purpose: str | None = None,
-                   descending: bool = True) -> tuple[list[FileRow], bool]:
+                   descending: bool = True, now: float | None = None) -> tuple[list[FileRow], bool]:
         """Up to ``limit`` files after the file ``after``, newest first (or oldest); whether more follow."""
-        query = select(FileRow).where(_owned(FileRow.client_key, owner))
+        query = select(FileRow).where(_owned(FileRow.client_key, owner), _live(now))
         if purpose is not None:
             query = query.where(FileRow.purpose == purpose)
         if after is not None:
@@ -149,6 +176,10 @@ class BatchRepository:
         rows = list((await self._session.scalars(
             query.order_by(BatchRow.created_at.desc(), BatchRow.id.desc()).limit(limit + 1))).all())
         return rows[:limit], len(rows) > limit
+
+    async def output_expiry(self, batch_id: str) -> float | None:
+        """The batch's ``output_expires_after`` (seconds; None: the default)."""
+        return await self._session.scalar(select(BatchRow.output_expires_after).where(BatchRow.id == batch_id))
 
     async def active(self) -> list[BatchRow]:
         """The batches still being worked on, oldest first."""

@@ -36,6 +36,9 @@ class AccountRow(Base):
     state: Mapped[str] = mapped_column(String(32), default="active")
     state_until: Mapped[float | None] = mapped_column(Float)
     state_reason: Mapped[str | None] = mapped_column(Text)
+    state_rev: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Bumped by every write of the runtime state (the server's, a probe's, an operator's revive): the
+    server writes a state only over the revision it knows (``AccountRepository.replace_state``)."""
     config_rev: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
@@ -102,6 +105,8 @@ class SessionRow(Base):
     turns: Mapped[int | None] = mapped_column(Integer, default=0)
     last_used: Mapped[float] = mapped_column(Float)
     expires_at: Mapped[float] = mapped_column(Float)
+    client_key: Mapped[str | None] = mapped_column(String(64))
+    """The name of the client key whose conversation it is (a key's bindings are capped)."""
 
 
 class ModelAliasRow(Base):
@@ -120,7 +125,8 @@ class FileRow(Base):
     (``batch_output``). ``content`` is deferred: listings never load it."""
 
     __tablename__ = "files"
-    __table_args__ = (Index("ix_files_client_created", "client_key", "created_at"),)
+    __table_args__ = (Index("ix_files_client_created", "client_key", "created_at"),
+                      Index("ix_files_expires_at", "expires_at"))
 
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     purpose: Mapped[str] = mapped_column(String(32))
@@ -130,6 +136,8 @@ class FileRow(Base):
     created_at: Mapped[float] = mapped_column(Float)
     client_key: Mapped[str | None] = mapped_column(String(64))
     """The name of the client key that owns it (``master``; None on an open gateway)."""
+    expires_at: Mapped[float | None] = mapped_column(Float)
+    """When it is deleted (the upload's ``expires_after``, its batch's ``output_expires_after``); None: kept."""
 
 
 class BatchRow(Base):
@@ -149,6 +157,9 @@ class BatchRow(Base):
     error_file_id: Mapped[str | None] = mapped_column(String(40))
     client_key: Mapped[str | None] = mapped_column(String(64))
     meta: Mapped[dict[str, str] | None] = mapped_column("metadata", JSON)
+    output_expires_after: Mapped[float | None] = mapped_column(Float)
+    """Seconds after they are written that its output and error files expire (``output_expires_after``)."""
+
     errors: Mapped[list[dict[str, Any]] | None] = mapped_column(JSON)
     """Why the batch failed (its input file), as OpenAI's ``errors.data``; None otherwise."""
     total: Mapped[int] = mapped_column(Integer, default=0)

@@ -63,7 +63,7 @@ class AccountRepository:
     async def add(self, spec: AccountSpec, now: float) -> AccountRow:
         if await self._find(spec.name) is not None:
             raise ConfigError(f"an account named {spec.name} already exists")
-        row = AccountRow(name=spec.name, enabled=True, state="active", config_rev=1,
+        row = AccountRow(name=spec.name, enabled=True, state="active", state_rev=0, config_rev=1,
                          created_at=now, updated_at=now)
         _apply_spec(row, spec)
         self._session.add(row)
@@ -121,12 +121,27 @@ class AccountRepository:
         )
         return bool(cast(CursorResult[Any], result).rowcount)
 
+    async def replace_state(self, name: str, expected_rev: int | None, state: str, until: float | None,
+                            reason: str | None) -> bool:
+        """The server's write of a runtime state, made only if the row's ``state_rev`` is still
+        ``expected_rev`` (the revision the server last read or wrote; None: whatever it is), and
+        bumping it. False when it is not: someone else (a probe, an enable) wrote a state since, which
+        stands; or the account is gone. Leaves ``config_rev`` alone."""
+        query = update(AccountRow).where(AccountRow.name == name)
+        if expected_rev is not None:
+            query = query.where(AccountRow.state_rev == expected_rev)
+        result = await self._session.execute(
+            query.values(state=state, state_until=until, state_reason=reason, state_rev=AccountRow.state_rev + 1)
+            .execution_options(synchronize_session=False))
+        return bool(cast(CursorResult[Any], result).rowcount)
+
     async def set_runtime_state(self, name: str, state: str, until: float | None, reason: str | None,
                                 now: float) -> AccountRow:
         """Runtime state set by an operator's action (a probe): unlike ``save_state`` it bumps
         ``config_rev``, so a running server reloads the account and adopts the state."""
         row = await self.get(name)
         row.state, row.state_until, row.state_reason = state, until, redact_optional(reason)
+        row.state_rev += 1
         _touch(row, now)
         await self._session.flush()
         return row
@@ -176,6 +191,7 @@ def _apply_spec(row: AccountRow, spec: AccountSpec) -> None:
 
 def _revive(row: AccountRow) -> None:
     row.state, row.state_until, row.state_reason = "active", None, None
+    row.state_rev += 1
 
 
 def _touch(row: AccountRow, now: float) -> None:

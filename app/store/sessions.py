@@ -17,13 +17,13 @@ from app.store.models import SessionRow
 from app.store.repository import CHUNK
 
 _SESSION_TABLE = cast(Table, SessionRow.__table__)
-_SESSION_VALUES = ("account", "chat_id", "parent_id", "turns", "last_used", "expires_at")
+_SESSION_VALUES = ("account", "chat_id", "parent_id", "turns", "last_used", "expires_at", "client_key")
 
 
 def _session_params(binding: Binding) -> dict[str, Any]:
     return {"key": binding.key, "account": binding.account, "chat_id": binding.chat_id,
             "parent_id": binding.parent_id, "turns": binding.turns, "last_used": binding.last_used,
-            "expires_at": binding.expires_at}
+            "expires_at": binding.expires_at, "client_key": binding.client}
 
 
 class SessionRepository:
@@ -38,7 +38,7 @@ class SessionRepository:
             select(SessionRow).where(SessionRow.expires_at > now).order_by(SessionRow.last_used, SessionRow.key)
         )
         return [Binding(key=r.key, account=r.account, chat_id=r.chat_id, parent_id=r.parent_id, turns=r.turns or 0,
-                        last_used=r.last_used, expires_at=r.expires_at) for r in rows]
+                        last_used=r.last_used, expires_at=r.expires_at, client=r.client_key) for r in rows]
 
     async def upsert_many(self, bindings: Sequence[Binding]) -> None:
         """Write the bindings, creating or overwriting each key's row (one statement on SQLite and

@@ -1,7 +1,7 @@
 """Write-behind: the request path hands records over without ever awaiting the database.
 
-``put_usage``, ``put_state``, ``put_session`` and ``put_idempotent`` are plain synchronous appends to
-in-memory buffers. A background task flushes them in one transaction every ``interval`` seconds (on
+``put_usage``, ``put_session`` and ``put_idempotent`` are plain synchronous appends to in-memory
+buffers. A background task flushes them in one transaction every ``interval`` seconds (on
 the injected clock), or at once when ``max_batch`` usage records are waiting. A failed flush keeps
 the records and tries again on the next tick; the buffers are bounded (``max_buffer``) and drop
 their oldest entries, with a warning, when the database stays away too long. ``close()`` stops the
@@ -10,6 +10,10 @@ task and flushes what is left.
 Progress is observable: ``flushes`` counts flushes that wrote something, ``failures`` counts flushes
 that raised (whether the background task, ``close()`` or a caller ran them), and ``wait_flushes`` /
 ``wait_failures`` return once a count is reached, so tests and operators wait on events, not time.
+
+What a ``kill -9`` can lose is what waits here: the usage rows and session bindings of (at most)
+the last ``interval`` seconds, or of the last ``max_batch`` requests when they come faster. Account
+states do not wait here: they are written through (``app.store.states``).
 
 Idempotent answers are read back before they are written: ``idempotent(key)`` finds one that is
 queued or being written, so between ``put_idempotent`` and the commit that stores it, an answer is
@@ -27,14 +31,13 @@ from typing import TypeVar
 from app.clock import Clock
 from app.pool.sessions import Binding
 from app.store.db import Database
-from app.store.records import IdempotentAnswer, StateChange, UsageRecord
-from app.store.repository import AccountRepository, HealthRepository, IdempotencyRepository
+from app.store.records import IdempotentAnswer, UsageRecord
+from app.store.repository import IdempotencyRepository
 from app.store.sessions import SessionRepository
 from app.store.usage import UsageRepository
 
 logger = logging.getLogger(__name__)
 
-_State = tuple[str, float | None, str | None]
 _T = TypeVar("_T")
 
 
@@ -49,8 +52,6 @@ class WriteBehind:
         self._max_batch = max_batch
         self._max_buffer = max_buffer
         self._usage: deque[UsageRecord] = deque()
-        self._events: deque[StateChange] = deque()
-        self._states: dict[str, _State] = {}
         self._sessions: dict[str, Binding] = {}
         self._answers: dict[str, IdempotentAnswer] = {}
         self._writing_answers: dict[str, IdempotentAnswer] = {}  # taken by the flush in progress
@@ -71,13 +72,6 @@ class WriteBehind:
         if len(self._usage) >= self._max_batch:
             self._wake.set()
 
-    def put_state(self, account: str, state: str, until: float | None, reason: str | None) -> None:
-        """Persist an account's runtime state (latest wins) and record the transition as a health event."""
-        self._states[account] = (state, until, reason)
-        self._events.append(StateChange(ts=self._clock.time(), account=account, state=state, until=until,
-                                        reason=reason))
-        self._dropped += _trim(self._events, self._max_buffer)
-
     def put_session(self, binding: Binding) -> None:
         """Persist a conversation binding as it is now (a copy; the latest per key wins)."""
         self._sessions[binding.key] = dataclasses.replace(binding)
@@ -93,7 +87,7 @@ class WriteBehind:
     @property
     def pending(self) -> int:
         """How many records wait to be written."""
-        return len(self._usage) + len(self._events) + len(self._states) + len(self._sessions) + len(self._answers)
+        return len(self._usage) + len(self._sessions) + len(self._answers)
 
     # --- progress: for tests and operators --------------------------------------------------------
 
@@ -164,28 +158,21 @@ class WriteBehind:
                 self._dropped = 0
             if not self.pending:
                 return False
-            usage, events, states = list(self._usage), list(self._events), self._states
-            sessions, answers = self._sessions, self._answers
+            usage, sessions, answers = list(self._usage), self._sessions, self._answers
             self._usage.clear()
-            self._events.clear()
-            self._states = {}
             self._sessions = {}
             self._answers = {}
             self._writing_answers = answers
             try:
                 async with self._db.session() as session, session.begin():
                     await UsageRepository(session).add_many(usage)
-                    accounts = AccountRepository(session)
-                    for account, (state, until, reason) in states.items():
-                        await accounts.save_state(account, state, until, reason)
-                    await HealthRepository(session).add_many(events)
                     await SessionRepository(session).upsert_many(list(sessions.values()))
                     if answers:
                         idempotency = IdempotencyRepository(session)
                         await idempotency.put_many(list(answers.values()))
                         await idempotency.purge(self._clock.time())
             except BaseException:
-                self._requeue(usage, events, states, sessions, answers)
+                self._requeue(usage, sessions, answers)
                 raise
             finally:
                 self._writing_answers = {}
@@ -204,17 +191,14 @@ class WriteBehind:
         async with self._progress:
             self._progress.notify_all()
 
-    def _requeue(self, usage: list[UsageRecord], events: list[StateChange], states: dict[str, _State],
-                 sessions: dict[str, Binding], answers: dict[str, IdempotentAnswer]) -> None:
+    def _requeue(self, usage: list[UsageRecord], sessions: dict[str, Binding],
+                 answers: dict[str, IdempotentAnswer]) -> None:
         self._usage.extendleft(reversed(usage))
-        self._events.extendleft(reversed(events))
-        for account, state in states.items():
-            self._states.setdefault(account, state)  # a newer state put meanwhile wins
-        for key, binding in sessions.items():
+        for key, binding in sessions.items():  # a newer binding put meanwhile wins
             self._sessions.setdefault(key, binding)
         for key, answer in answers.items():
             self._answers.setdefault(key, answer)
-        self._dropped += _trim(self._usage, self._max_buffer) + _trim(self._events, self._max_buffer)
+        self._dropped += _trim(self._usage, self._max_buffer)
 
     async def _run(self) -> None:
         failed = False

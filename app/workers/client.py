@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 
-from app.errors import PoolBusy, PoolUnavailable, UpstreamError
+from app.errors import AuthDead, PoolBusy, PoolUnavailable, QuotaExhausted, RateLimited, UpstreamError
 from app.pool.account import Account
 from app.pool.context import RequestContext
 from app.pool.leases import Held
@@ -43,6 +43,7 @@ class KeeperLink:
         self._ids = itertools.count(1)
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False
+        self._reload_asked = 0  # the latest ``reload [n]`` the keeper sent
         self.closing = False
 
     async def connect(self, path: str) -> None:
@@ -71,6 +72,7 @@ class KeeperLink:
     def _on_frame(self, frame: Frame) -> None:
         kind = frame[0]
         if kind == "reload":
+            self._reload_asked = max(self._reload_asked, int(frame[1]))
             self._reload()
             return
         future = self._pending.pop(frame[1], None)
@@ -90,10 +92,13 @@ class KeeperLink:
     async def _reload_loop(self) -> None:
         while True:
             self._reload_again = False
+            asked = self._reload_asked
             try:
                 await self._on_reload()
             except Exception:
                 log.exception("reloading accounts after the keeper's notice failed")
+            else:
+                self.send(["reloaded", asked])  # the keeper tells a waiting CLI that every worker has it
             if not self._reload_again:
                 return
 
@@ -133,6 +138,8 @@ class RemoteLeases:
         self._accounts = accounts
         self._reload = reload
         self._headroom: dict[str, list[tuple[bytes, bytes]]] = {}
+        self._reported = 0  # reports sent that may have changed an account's state
+        self._confirmed = 0  # of those, how many the keeper has confirmed stored
         self.models = accounts.models
 
     def try_take(self, model: str, cost: int, ctx: RequestContext, exclude: set[str]) -> Held | None:
@@ -159,9 +166,9 @@ class RemoteLeases:
             raise PoolUnavailable("This kimi-pool worker lost its keeper process; retry shortly.",
                                   retry_after=1.0) from None
         if frame[0] == "refused":
-            _, _, why, message, retry_after = frame
+            _, _, why, message, retry_after, code = frame
             if why == "busy":
-                raise PoolBusy(message, retry_after=retry_after)
+                raise PoolBusy(message, retry_after=retry_after, code=code)
             raise PoolUnavailable(message, retry_after=retry_after)
         _, _, lease_id, name, binding, headroom = frame
         if headroom is not None:
@@ -183,6 +190,21 @@ class RemoteLeases:
     def report(self, held: Held, error: UpstreamError) -> None:
         assert isinstance(held, RemoteLease)
         self._link.send(["report", held.id, encode_error(error)])
+        if isinstance(error, AuthDead | QuotaExhausted | RateLimited):  # what the pool acts on
+            self._reported += 1
+
+    async def saved(self) -> None:
+        """Ask the keeper (after the reports, on the same channel) to confirm they are stored; no
+        round trip when every report that could have changed a state is confirmed already."""
+        target = self._reported
+        if self._confirmed >= target:
+            return
+        try:
+            _, future = self._link.ask(lambda rid: ["saved", rid])
+            await future
+        except KeeperLost:
+            return
+        self._confirmed = max(self._confirmed, target)
 
     def succeeded(self, held: Held) -> None:
         assert isinstance(held, RemoteLease)

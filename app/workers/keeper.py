@@ -6,15 +6,18 @@ Per worker connection:
 - ``take [rid, model, cost, client, max_wait, session, exclude, batch, needs]`` → ``lease [rid, lease_id,
   account, binding, headroom]`` (``binding``: ``[chat_id, parent_id, turns]`` of the session, or
   null; ``headroom``: the ``x-ratelimit-*`` header pairs when they changed since last sent) or
-  ``refused [rid, "busy"|"unavailable", message, retry_after]``. A take may wait in the admission
-  queue; ``drop [rid]`` withdraws it (the client left).
+  ``refused [rid, "busy"|"unavailable", message, retry_after, code]``. A take may wait in the
+  admission queue; ``drop [rid]`` withdraws it (the client left).
 - ``release [lease_id, tokens, succeeded]``, ``report [lease_id, error]``: the lease's end (and whether
   the upstream answered), or the classified upstream failure (before its release, as in one process).
 - ``thread [session, account, chat_id, parent_id, turns]``: where the session's upstream chat stands.
 - ``failed [request_id, account, error]`` and ``done [record, waited_ms, first_byte_ms]``: for the
   metrics; ``done`` of a dispatched request (``waited_ms`` not null) is also its usage row.
 - ``free_in [rid, model, needs]`` → ``free_in [rid, seconds|null]``.
-- ``hello [index, pid]``: the worker is serving. The keeper sends ``reload`` after each account sync.
+- ``saved [rid]`` → ``saved [rid]`` once the account states changed by the reports before it are
+  stored (``PoolLeases.saved``).
+- ``hello [index, pid]``: the worker is serving. The keeper sends ``reload [n]`` after each account
+  sync (and to a worker when it says hello); the worker answers ``reloaded [n]`` once it has reloaded.
 
 A worker that goes away (crash, kill) has its waiting takes withdrawn and its leases released.
 """
@@ -26,7 +29,7 @@ import contextlib
 import itertools
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from app.clock import Clock
@@ -51,6 +54,8 @@ class LeaseServer:
         self._connections: set[_WorkerConnection] = set()
         self._server: asyncio.AbstractServer | None = None
         self._lease_ids = itertools.count(1)
+        self._reloads = 0
+        self._acks = asyncio.Condition()
 
     async def start(self, path: str) -> None:
         loop = asyncio.get_running_loop()
@@ -63,8 +68,33 @@ class LeaseServer:
         return connection.protocol
 
     def broadcast_reload(self) -> None:
+        """Tell every worker to reload the accounts and keys (after the keeper did)."""
+        self._reloads += 1
         for connection in self._connections:
-            connection.send(["reload"])
+            connection.send(["reload", self._reloads])
+
+    async def caught_up(self, timeout: float = 5.0) -> None:
+        """Return once every serving worker has reloaded since the last ``broadcast_reload`` (or after
+        ``timeout`` seconds, with a warning: a stuck worker must not hold up the keeper)."""
+        target = self._reloads
+
+        def done() -> bool:
+            return all(c.acked >= target for c in self._connections if c.serving)
+
+        try:
+            async with asyncio.timeout(timeout), self._acks:
+                await self._acks.wait_for(done)
+        except TimeoutError:
+            late = ", ".join(c.worker for c in self._connections if c.serving and c.acked < target)
+            log.warning("worker(s) %s did not reload within %.0f s", late, timeout)
+
+    async def acked(self) -> None:
+        """A worker reloaded, or went away: wake ``caught_up``."""
+        async with self._acks:
+            self._acks.notify_all()
+
+    def reload_count(self) -> int:
+        return self._reloads
 
     async def close(self) -> None:
         if self._server is not None:
@@ -88,9 +118,13 @@ class _WorkerConnection:
         self._handlers: dict[str, Callable[[Frame], None]] = {
             "take": self._take, "drop": self._drop, "release": self._release,
             "report": self._report, "failed": self._failed, "thread": self._thread, "done": self._done,
-            "free_in": self._free_in, "hello": self._hello,
+            "free_in": self._free_in, "hello": self._hello, "saved": self._saved, "reloaded": self._reloaded,
         }
         self.worker = "?"
+        self.serving = False
+        """The worker said hello: it is serving, and it answers ``reload``."""
+        self.acked = 0
+        """The last ``reload`` the worker has done."""
 
     def send(self, frame: Frame) -> None:
         self._protocol.send(frame)
@@ -107,6 +141,7 @@ class _WorkerConnection:
 
     def _on_lost(self) -> None:
         self._server._connections.discard(self)
+        _spawn(self._server.acked())
         for task in self._takes.values():
             task.cancel()
         self._takes.clear()
@@ -121,8 +156,14 @@ class _WorkerConnection:
     def _hello(self, frame: Frame) -> None:
         index, pid = int(frame[1]), int(frame[2])
         self.worker = f"{index} (pid {pid})"
+        self.serving = True
+        self.send(["reload", self._server.reload_count()])  # what changed while it started
         if self._server._on_hello is not None:
             self._server._on_hello(index, pid)
+
+    def _reloaded(self, frame: Frame) -> None:
+        self.acked = max(self.acked, int(frame[1]))
+        _spawn(self._server.acked())
 
     def _take(self, frame: Frame) -> None:
         rid, model, cost, client, max_wait, session, exclude, batch, needs = frame[1:]
@@ -137,10 +178,10 @@ class _WorkerConnection:
         try:
             lease = await self._leases.take(model, cost, ctx, exclude)
         except PoolBusy as error:
-            self.send(["refused", rid, "busy", error.message, error.retry_after])
+            self.send(["refused", rid, "busy", error.message, error.retry_after, error.code])
             return
         except PoolUnavailable as error:
-            self.send(["refused", rid, "unavailable", error.message, error.retry_after])
+            self.send(["refused", rid, "unavailable", error.message, error.retry_after, error.code])
             return
         finally:
             self._takes.pop(rid, None)
@@ -195,14 +236,27 @@ class _WorkerConnection:
         for observer in self._server._observers:
             observer.finished(record, waited_ms, first_byte_ms)
 
+    def _saved(self, frame: Frame) -> None:
+        rid = frame[1]
+
+        async def answer() -> None:
+            await self._leases.saved()
+            self.send(["saved", rid])
+
+        _spawn(answer())
+
     def _free_in(self, frame: Frame) -> None:
         rid, model, needs = frame[1], frame[2], frozenset(frame[3])
 
         async def answer() -> None:
             self.send(["free_in", rid, await self._leases.next_free_in(model, needs)])
 
-        task = asyncio.create_task(answer())
-        task.add_done_callback(_log_failure)
+        _spawn(answer())
+
+
+def _spawn(work: Coroutine[Any, Any, None]) -> None:
+    task = asyncio.create_task(work)
+    task.add_done_callback(_log_failure)
 
 
 def _log_failure(task: asyncio.Task[None]) -> None:

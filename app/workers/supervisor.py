@@ -81,6 +81,11 @@ class Workers:
         self._server = server
         self._tasks = [asyncio.create_task(self._keep_running(index)) for index in range(len(self._sockets))]
 
+    async def caught_up(self) -> None:
+        """Return once every serving worker has reloaded the accounts and keys the keeper just loaded."""
+        if self._server is not None:
+            await self._server.caught_up()
+
     def signal_stop(self) -> None:
         """The keeper was told to stop: workers stop accepting and finish what they hold."""
         if self._stopping:

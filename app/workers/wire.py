@@ -5,7 +5,8 @@ turn of the event loop sends leaves in a single ``write`` (a request's release, 
 the next request's lease share one syscall under load).
 
 Worker → keeper: ``hello``, ``take``, ``drop``, ``release``, ``report``, ``failed``,
-``thread``, ``done``, ``free_in``. Keeper → worker: ``lease``, ``refused``, ``free_in``, ``reload``.
+``thread``, ``done``, ``free_in``, ``saved``, ``reloaded``. Keeper → worker: ``lease``, ``refused``,
+``free_in``, ``saved``, ``reload``.
 The handlers on both sides (``app.workers.keeper``, ``app.workers.client``) document each one.
 """
 

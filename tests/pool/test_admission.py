@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
+from typing import Any
 
+import openai
 import pytest
 
 from app.accounts_config import make_account_spec
@@ -13,8 +16,11 @@ from app.pool.account import Account
 from app.pool.admission import Admission
 from app.pool.limits import RESOLUTION
 from app.pool.scheduler import Lease, Pool
+from tests.conftest import create_client_key, run_stack
 
 T0 = 1_760_000_000.0
+MODEL = "kimi-k2-0905-preview"
+HELLO: Any = [{"role": "user", "content": "hello"}]
 
 
 def make(*specs: dict[str, object], max_queue: int = 100) -> tuple[ManualClock, Pool, Admission]:
@@ -161,3 +167,34 @@ async def test_an_interactive_request_does_not_queue_behind_batch_waiters_nor_fi
         lease.release()
     for task in waiting:
         (await task).release()
+
+
+# --- through HTTP: one key's share of the queue ------------------------------------------------------
+
+
+async def test_one_client_key_cannot_fill_the_queue_for_the_others(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    async with run_stack(tmp_path, keys=["sk-emu-0001"], account_extra={"concurrency": 1},
+                         settings={"max_queue_per_key": 2}) as stack:
+        team_a = stack.client(await create_client_key(stack, "team-a", capsys))
+        team_b = stack.client(await create_client_key(stack, "team-b", capsys))
+        stack.emulator.script(None, [{"kind": "hold_after", "chunks": 0}])
+
+        def ask(client: openai.AsyncOpenAI) -> asyncio.Future[Any]:
+            return asyncio.ensure_future(client.chat.completions.create(model=MODEL, messages=HELLO))
+
+        busy = ask(team_a)  # holds the account's one slot
+        await stack.emulator.wait_for(lambda e: e.held == 1)
+        waiting = [ask(team_a), ask(team_a)]
+        await stack.gateway.admission.wait_depth(2)
+        with pytest.raises(openai.RateLimitError) as refused:
+            await team_a.chat.completions.create(model=MODEL, messages=HELLO)
+        assert refused.value.body["code"] == "key_queue_share_exceeded"  # type: ignore[index]
+        assert refused.value.response.headers["retry-after"] == "1"
+        assert "its share of the queue" in refused.value.message
+
+        waiting.append(ask(team_b))  # another key still gets a place in the queue
+        await stack.gateway.admission.wait_depth(3)
+        stack.emulator.release()
+        for answer in await asyncio.gather(busy, *waiting):
+            assert answer.choices[0].message.content

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from app.clock import ManualClock
 from app.pool.sessions import DEFAULT_TTL, MAX_KEY_LENGTH, Binding, SessionTable, session_key
+from tests.conftest import MASTER_KEY, create_client_key, run_stack
 
 HOUR = 3600.0
+MODEL = "kimi-k2-0905-preview"
+HELLO: Any = [{"role": "user", "content": "hello"}]
+AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}
 CHAT = [
     {"role": "system", "content": "You are terse."},
     {"role": "user", "content": "Name three rivers."},
@@ -202,7 +207,56 @@ def test_purge_expired_and_for_account() -> None:
     assert sessions.purge_expired(clock.time()) == 3 and len(sessions) == 0
 
 
+def test_a_client_key_holds_at_most_its_cap_and_loses_its_least_recently_used() -> None:
+    clock = ManualClock()
+    sessions = SessionTable(max_per_client=2)
+    recorder = Recorder()
+    sessions.on_change(recorder)
+    a1 = sessions.bind("a1", "acct-1", clock.time(), "team-a")
+    sessions.bind("a2", "acct-2", clock.time(), "team-a")
+    sessions.bind("b1", "acct-1", clock.time(), "team-b")
+    clock.advance(1)
+    assert sessions.touch(a1, clock.time())  # a1 is used again: a2 is now the least recently used
+    sessions.bind("a3", "acct-3", clock.time(), "team-a")
+    assert sessions.get("a2", clock.time()) is None, "dropped for the new one"
+    assert ("a2", "acct-2", 0.0) in recorder.seen, "announced expired, so the stored copy goes too"
+    assert {k for k in ("a1", "a3", "b1") if sessions.get(k, clock.time())} == {"a1", "a3", "b1"}
+    assert (sessions.count_for("team-a"), sessions.count_for("team-b")) == (2, 1), "another key is untouched"
+    assert sessions.bind("a1", "acct-2", clock.time(), "team-a") is a1, "a migration is no new binding"
+    assert sessions.count_for("team-a") == 2 and sessions.get("a3", clock.time()) is not None
+
+    stored = [Binding(key=f"c{n}", account="acct-1", last_used=clock.time() - 10 + n,
+                      expires_at=clock.time() + HOUR, client="team-c") for n in range(3)]
+    sessions.load(stored)  # least recently used first, as the store reads them
+    assert [k for k in ("c0", "c1", "c2") if sessions.get(k, clock.time())] == ["c1", "c2"]
+
+
 @pytest.mark.parametrize(("ttl", "persist_every"), [(0, 60), (-1, 60), (HOUR, -1)])
 def test_bad_settings_are_refused(ttl: float, persist_every: float) -> None:
     with pytest.raises(ValueError):
         SessionTable(ttl=ttl, persist_every=persist_every)
+
+
+# --- through HTTP: a key's bindings are capped ------------------------------------------------------
+
+
+async def test_a_key_beyond_its_sessions_cap_loses_the_affinity_of_its_oldest_conversation(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    async with run_stack(tmp_path, settings={"max_sessions_per_key": 2}) as stack:
+        key_a = await create_client_key(stack, "team-a", capsys)
+        key_b = await create_client_key(stack, "team-b", capsys)
+
+        async def turn(api_key: str, session: str) -> str:
+            client = stack.client(api_key, default_headers={"X-Session-Id": session})
+            raw = await client.chat.completions.with_raw_response.create(model=MODEL, messages=HELLO)
+            return raw.headers["x-kimi-pool-account"]
+
+        first = [await turn(key_a, s) for s in ("s1", "s2", "s3")] + [await turn(key_b, "t1")]
+        assert first == ["acct-1", "acct-2", "acct-3", "acct-1"], "round robin places each new conversation"
+        assert await turn(key_a, "s2") == "acct-2" and await turn(key_b, "t1") == "acct-1", "bound ones stay"
+        assert await turn(key_a, "s1") == "acct-2", "s1 was team-a's least recently used: placed afresh"
+
+        async with stack.http() as http:
+            listed = (await http.get("/admin/sessions", headers=AUTH)).json()["data"]
+        live = {row["key"] for row in listed if not row["expired"]}
+        assert live == {"h:team-a:s1", "h:team-a:s2", "h:team-b:t1"}, "s3 gave way when s1 came back"

@@ -94,7 +94,7 @@ async def test_the_portable_upsert_for_dialects_without_on_conflict(migrated: Da
     async with migrated.session() as session, session.begin():
         await SessionRepository(session)._update_then_insert(
             [{"key": b.key, "account": b.account, "chat_id": b.chat_id, "parent_id": b.parent_id, "turns": b.turns,
-              "last_used": b.last_used, "expires_at": b.expires_at}
+              "last_used": b.last_used, "expires_at": b.expires_at, "client_key": b.client}
              for b in (binding("a", "acct-2", used=1, chat_id="c"), binding("b", used=2))])
     async with migrated.session() as session:
         assert await SessionRepository(session).load_active(NOW) == [

@@ -9,15 +9,14 @@ from collections.abc import Awaitable
 from pathlib import Path
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import select
 
-from app.accounts_config import make_account_spec
 from app.clock import ManualClock
 from app.pool.sessions import Binding, SessionTable
 from app.store.db import Database
-from app.store.models import HealthEventRow, UsageRow
+from app.store.models import UsageRow
 from app.store.records import IdempotentAnswer, UsageRecord
-from app.store.repository import AccountRepository, HealthRepository, IdempotencyRepository
+from app.store.repository import IdempotencyRepository
 from app.store.sessions import SessionRepository
 from app.store.writer import WriteBehind
 
@@ -35,30 +34,18 @@ async def usage_ids(db: Database) -> list[str]:
         return list(await session.scalars(select(UsageRow.request_id).order_by(UsageRow.id)))
 
 
-async def health_count(db: Database) -> int:
-    async with db.session() as session:
-        return int(await session.scalar(select(func.count(HealthEventRow.id))) or 0)
-
-
 async def settle(waiting: Awaitable[None]) -> None:
     """Await an event-driven wait; the timeout is only a safety net, so a bug fails instead of hanging."""
     async with asyncio.timeout(5):
         await waiting
 
 
-async def add_account(db: Database, name: str) -> None:
-    async with db.session() as session, session.begin():
-        await AccountRepository(session).add(make_account_spec(name=name, kind="kimi-ai-chat"), NOW)
-
-
 def test_puts_are_plain_synchronous_calls(migrated: Database) -> None:
     writer = WriteBehind(migrated, clock=ManualClock(NOW))
     assert not inspect.iscoroutinefunction(writer.put_usage)
-    assert not inspect.iscoroutinefunction(writer.put_state)
     assert not inspect.iscoroutinefunction(writer.put_session)
     assert writer.put_usage(record(1)) is None  # no event loop needed: nothing is awaited
-    assert writer.put_state("a", "auth_dead", None, "401") is None
-    assert writer.pending == 3  # one usage record, one state, one health event
+    assert writer.pending == 1
 
 
 async def test_flush_writes_everything_in_order(migrated: Database) -> None:
@@ -77,25 +64,6 @@ async def test_flush_writes_everything_in_order(migrated: Database) -> None:
     assert len(await usage_ids(migrated)) == 5
     assert writer.flushes == 1
     await settle(writer.wait_flushes(1))  # already reached: returns at once
-
-
-async def test_state_latest_wins_and_every_transition_is_a_health_event(migrated: Database) -> None:
-    await add_account(migrated, "a")
-    clock = ManualClock(NOW)
-    writer = WriteBehind(migrated, clock=clock)
-    writer.put_state("a", "cooling_down", NOW + 30, "429")
-    clock.advance(1)
-    writer.put_state("a", "auth_dead", None, "401 invalid key")
-    writer.put_state("removed-meanwhile", "active", None, None)  # must not break the flush
-    await writer.flush()
-    async with migrated.session() as session:
-        row = await AccountRepository(session).get("a")
-        events = await HealthRepository(session).recent(account="a")
-    assert (row.state, row.state_until, row.state_reason, row.config_rev) == (
-        "auth_dead", None, "401 invalid key", 1)
-    assert [(e.ts, e.state, e.until, e.reason) for e in events] == [
-        (NOW + 1, "auth_dead", None, "401 invalid key"), (NOW, "cooling_down", NOW + 30, "429")]
-    assert await health_count(migrated) == 3
 
 
 async def test_background_task_flushes_on_the_clock_and_close_flushes_the_rest(migrated: Database) -> None:
@@ -136,22 +104,16 @@ async def test_a_failed_flush_keeps_the_records_for_the_next_try(tmp_path: Path)
     try:
         writer = WriteBehind(db, clock=ManualClock(NOW))
         writer.put_usage(record(1))
-        writer.put_state("a", "auth_dead", None, "401")
         with pytest.raises(Exception, match="no such table"):
             await writer.flush()
         assert (writer.flushes, writer.failures) == (0, 1)
         await settle(writer.wait_failures(1))
         writer.put_usage(record(2))
-        writer.put_state("a", "active", None, None)  # newer than the failed batch's state
-        assert writer.pending == 5
+        assert writer.pending == 2
         await db.upgrade()
-        await add_account(db, "a")
         await writer.flush()
         assert (writer.flushes, writer.failures) == (1, 1)
         assert await usage_ids(db) == ["req-1", "req-2"]
-        async with db.session() as session:
-            assert (await AccountRepository(session).get("a")).state == "active"
-        assert await health_count(db) == 2
     finally:
         await db.dispose()
 

@@ -143,7 +143,7 @@ async def probe_account(request: Request) -> Response:
     await json_body(request, (), optional=True)
     await admin.read(lambda session, _now: find_account(session, name))
     [result] = await probe_accounts(admin.db, admin.registry, admin.gateway.clock, [name])
-    await admin.sync.load()
+    await admin.reload()
     log.info("admin: probed account %s: %s -> %s (%s)", name, result.before, result.after, result.outcome)
     return reply(dataclasses.asdict(result))
 

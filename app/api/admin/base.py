@@ -4,7 +4,7 @@ The admin API is the master key's alone: a client key gets 403, no key or a wron
 with no master key configured it is refused whatever is sent, so it is never open. Every read
 first flushes the write-behind queue, so it sees what the running server has done (a cooldown a
 second ago, the last request's usage); every write runs in one transaction and then reloads the
-pool (``AccountSync.load``), so the change serves traffic before the response is sent.
+pool and every worker (``reload``), so the change serves traffic before the response is sent.
 """
 
 from __future__ import annotations
@@ -26,8 +26,8 @@ from app.errors import ConfigError, InvalidRequest, NotFound, PermissionDenied
 from app.store.db import Database
 from app.store.models import AccountRow
 from app.store.repository import AccountRepository
+from app.store.states import StateWriter
 from app.store.writer import WriteBehind
-from app.sync import AccountSync
 from app.upstreams.registry import Registry
 
 MAX_BODY_BYTES = 1024 * 1024
@@ -46,8 +46,10 @@ class Admin:
     gateway: Gateway
     db: Database
     registry: Registry
-    sync: AccountSync
     writer: WriteBehind
+    states: StateWriter
+    reload: Callable[[], Awaitable[None]]
+    """Reload the pool, the client keys and every worker from the database (``main``)."""
 
     async def read(self, work: Work[_T]) -> _T:
         """Run ``work(session, now)`` on the database, after writing out what the server has queued."""
@@ -58,16 +60,18 @@ class Admin:
     async def write(self, work: Work[_T], *, reload: bool = True, scrub: bool = False) -> _T:
         """Run ``work(session, now)`` in one transaction, then (``reload``) bring the pool in line with it.
 
-        The queue is flushed first, so the runtime state stored with an account is current when the
-        pool rebuilds that account from its row. ``scrub``: the work removed or replaced a secret;
-        truncate the WAL afterwards (``Database.scrub``)."""
+        The queue is flushed and the account states the server is writing are stored first, so the
+        runtime state stored with an account is current when the pool rebuilds that account from its
+        row. ``scrub``: the work removed or replaced a secret; truncate the WAL afterwards
+        (``Database.scrub``)."""
         await self.writer.flush()
+        await self.states.saved()
         async with self.db.session() as session, session.begin():
             result = await work(session, self.gateway.clock.time())
         if scrub:
             await self.db.scrub()
         if reload:
-            await self.sync.load()
+            await self.reload()
         return result
 
 

@@ -26,7 +26,8 @@ MAX_LIST = 100
 
 class Batches(HTTPEndpoint):
     async def post(self, request: Request) -> Response:
-        """Create a batch: ``input_file_id``, ``endpoint``, ``completion_window`` (``24h``), ``metadata``."""
+        """Create a batch: ``input_file_id``, ``endpoint``, ``completion_window`` (``24h``), ``metadata``,
+        ``output_expires_after`` (when its output and error files expire)."""
         batches, owner = caller(request)
         declared = request.headers.get("content-length")
         body = parse_json(await read_body(request.receive, None if declared is None else declared.encode("latin-1"),
@@ -34,7 +35,8 @@ class Batches(HTTPEndpoint):
         if not isinstance(body, dict):
             raise InvalidRequest("The request body must be a JSON object.")
         row = await batches.create(owner, input_file_id=body.get("input_file_id"), endpoint=body.get("endpoint"),
-                                   completion_window=body.get("completion_window"), metadata=body.get("metadata"))
+                                   completion_window=body.get("completion_window"), metadata=body.get("metadata"),
+                                   output_expires_after=body.get("output_expires_after"))
         return reply(batch_object(row))
 
     async def get(self, request: Request) -> Response:

@@ -1,17 +1,20 @@
 """``/v1/files``: the OpenAI Files API, for batch input files and the output files batches write.
 
-Uploads are ``multipart/form-data`` with ``file`` and ``purpose=batch`` (what ``client.files.create``
-sends); a file over ``max_file_bytes`` is refused with 413, before it is read whole when the request
-says its length, and as soon as it passes the limit when it does not. A client key sees and manages
-its own files only; the master key sees all.
+Uploads are ``multipart/form-data`` with ``file``, ``purpose=batch`` and optionally
+``expires_after[anchor]`` and ``expires_after[seconds]`` (what ``client.files.create`` sends); a file
+over ``max_file_bytes`` is refused with 413, before it is read whole when the request says its
+length, and as soon as it passes the limit when it does not; one beyond its key's caps (files kept,
+bytes kept) with 400 and a code naming the cap. A client key sees and manages its own files only;
+the master key sees all.
 """
 
 from __future__ import annotations
 
+from typing import Any
 from urllib.parse import quote
 
 import orjson
-from starlette.datastructures import UploadFile
+from starlette.datastructures import FormData, UploadFile
 from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
 from starlette.responses import Response
@@ -75,7 +78,7 @@ class Files(HTTPEndpoint):
                 batches.check_size(upload.size)
             content = await upload.read()
             row = await batches.add_file(owner, filename=upload.filename or "upload.jsonl", purpose=purpose,
-                                         content=content)
+                                         content=content, expires_after=_expires_after(form))
         return reply(file_object(row))
 
     async def get(self, request: Request) -> Response:
@@ -89,6 +92,22 @@ class Files(HTTPEndpoint):
                                          after=params.get("after"), purpose=params.get("purpose"),
                                          descending=order == "desc")
         return reply(list_object([file_object(row) for row in rows], more))
+
+
+def _expires_after(form: FormData) -> dict[str, Any] | None:
+    """The ``expires_after`` policy of a multipart upload (its fields ``expires_after[anchor]`` and
+    ``expires_after[seconds]``), or a JSON object in one ``expires_after`` field; None if not given."""
+    whole_field = form.get("expires_after")
+    if isinstance(whole_field, str):
+        try:
+            policy = orjson.loads(whole_field)
+        except orjson.JSONDecodeError:
+            raise InvalidRequest("'expires_after' must be a JSON object.", param="expires_after") from None
+        return policy if isinstance(policy, dict) else {"anchor": policy}
+    parts = {name: form.get(f"expires_after[{name}]") for name in ("anchor", "seconds")}
+    if all(value is None for value in parts.values()):
+        return None
+    return parts
 
 
 class File(HTTPEndpoint):

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
+import sqlite3
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import unquote
 
 import openai
 import pytest
 
-from tests.conftest import MASTER_KEY, run_stack
+from tests.conftest import MASTER_KEY, create_client_key, run_stack
 
 AUTH = {"Authorization": f"Bearer {MASTER_KEY}"}
 
@@ -91,3 +93,66 @@ async def test_files_list_oldest_first_and_by_page(tmp_path: Path) -> None:
         assert [f.id async for f in client.files.list(order="asc", limit=1)] == ids
         page = await client.files.list(limit=2)
         assert [f.id for f in page.data] == ids[:0:-1] and page.has_more
+
+
+# --- per-key caps and expiry ---------------------------------------------------------------------
+
+
+async def test_one_key_keeps_at_most_its_files_and_bytes_and_others_are_not_held_back(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    async with run_stack(tmp_path, settings={"max_files_per_key": 2, "max_file_bytes_per_key": 1000}) as stack:
+        team_a = stack.client(await create_client_key(stack, "team-a", capsys))
+        team_b = stack.client(await create_client_key(stack, "team-b", capsys))
+        first = await team_a.files.create(file=("1.jsonl", b"x" * 100), purpose="batch")
+        await team_a.files.create(file=("2.jsonl", b"x" * 100), purpose="batch")
+        with pytest.raises(openai.BadRequestError) as refused:
+            await team_a.files.create(file=("3.jsonl", b"x" * 100), purpose="batch")
+        assert refused.value.body["code"] == "key_file_count_exceeded"  # type: ignore[index]
+        assert "limit of 2" in refused.value.message
+        assert len([f async for f in team_a.files.list()]) == 2, "the refused one was not kept"
+
+        assert (await team_b.files.create(file=("b.jsonl", b"x" * 600), purpose="batch")).bytes == 600, \
+            "another key has its own room"
+        with pytest.raises(openai.BadRequestError) as too_big:
+            await team_b.files.create(file=("c.jsonl", b"x" * 401), purpose="batch")
+        assert too_big.value.body["code"] == "key_file_bytes_exceeded"  # type: ignore[index]
+        assert (await team_b.files.create(file=("c.jsonl", b"x" * 400), purpose="batch")).bytes == 400
+
+        await team_a.files.delete(first.id)
+        assert (await team_a.files.create(file=("3.jsonl", b"x"), purpose="batch")).bytes == 1, \
+            "a deleted file no longer counts"
+
+
+async def test_a_file_expires_as_its_upload_says_and_then_no_longer_counts(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    async with run_stack(tmp_path, settings={"max_files_per_key": 1}) as stack:
+        client = stack.client(await create_client_key(stack, "team-a", capsys))
+        short = await client.files.create(file=("a.jsonl", b"{}"), purpose="batch",
+                                          expires_after={"anchor": "created_at", "seconds": 3600})
+        assert short.expires_at == short.created_at + 3600
+        with pytest.raises(openai.BadRequestError, match="limit of 1"):
+            await client.files.create(file=("b.jsonl", b"{}"), purpose="batch")
+
+        stack.clock.advance(3600)
+        with pytest.raises(openai.NotFoundError):
+            await client.files.retrieve(short.id)
+        assert [f async for f in client.files.list()] == []
+        kept = await client.files.create(file=("b.jsonl", b"{}"), purpose="batch")
+        assert kept.expires_at == kept.created_at + 30 * 86400, "without expires_after: OpenAI's 30 days"
+        await stack.app.state.file_sweeper.wait_purged(1)  # and the expired one is deleted from the database
+        with sqlite3.connect(stack.tmp_path / "kimi-pool.db") as db:
+            assert db.execute("SELECT id FROM files").fetchall() == [(kept.id,)]
+
+
+@pytest.mark.parametrize("policy", [
+    {"anchor": "created_at", "seconds": 3599},
+    {"anchor": "created_at", "seconds": 30 * 86400 + 1},
+    {"anchor": "last_active_at", "seconds": 3600},
+    {"anchor": "created_at", "seconds": "soon"},
+])
+async def test_a_bad_expiry_is_refused_with_the_parameter_named(tmp_path: Path, policy: dict[str, Any]) -> None:
+    async with run_stack(tmp_path) as stack:
+        with pytest.raises(openai.BadRequestError) as refused:
+            await stack.client().files.create(file=("a.jsonl", b"{}"), purpose="batch",
+                                              expires_after=policy)  # type: ignore[arg-type]
+        assert refused.value.body["param"] == "expires_after"  # type: ignore[index]
