@@ -25,7 +25,7 @@ LEAKS = (API_KEY[:10], JWT[:12], JWT.split(".")[2], CLIENT_KEY[:10], "opaque.ses
 
 
 def database_bytes(directory: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in directory.glob("kimi-pool.db*"))
+    return b"".join(p.read_bytes() for p in directory.glob("kimi-pool.db*") if p.is_file())
 
 
 def assert_clean(text: str) -> None:

@@ -45,7 +45,7 @@ class Cli:
         return json.loads(self.ok("accounts", "list", "--json"))  # type: ignore[no-any-return]
 
     def stored_bytes(self) -> bytes:
-        return b"".join(p.read_bytes() for p in self.path.parent.iterdir())
+        return b"".join(p.read_bytes() for p in self.path.parent.iterdir() if p.is_file())
 
 
 @pytest.fixture

@@ -174,7 +174,7 @@ def modes(directory: Path) -> dict[str, int]:
 
 
 def stored(directory: Path) -> bytes:
-    return b"".join(p.read_bytes() for p in directory.iterdir() if p.name.startswith("kimi-pool.db"))
+    return b"".join(p.read_bytes() for p in directory.iterdir() if p.name.startswith("kimi-pool.db") and p.is_file())
 
 
 def test_db_upgrade_and_cli_commands_create_the_database_owner_only(tmp_path: Path) -> None:
