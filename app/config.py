@@ -41,6 +41,9 @@ class Settings:
     idempotency_ttl: float = 24 * 3600.0
     """How long the answer to a request with an ``Idempotency-Key`` is kept for its retries."""
     sync_interval: float = 2.0
+    models_refresh: float = 3600.0
+    """Seconds between asking each account's upstream which models it serves (``app.discovery``); 0: never
+    (models then change only with ``accounts add``/``edit``/``check``)."""
     flush_interval: float = 1.0
     cors_origins: tuple[str, ...] = ("*",)
     log_level: str = "info"
@@ -87,6 +90,8 @@ class Settings:
     def validate(self) -> None:
         if not (0 < self.port < 65536):
             raise ConfigError(f"port must be between 1 and 65535, not {self.port}")
+        if self.models_refresh < 0:
+            raise ConfigError(f"the models refresh interval must not be negative, not {self.models_refresh!r}")
         if self.max_wait < 0 or self.max_queue < 0 or self.default_max_tokens < 1:
             raise ConfigError("max wait and queue depth must not be negative; default max tokens at least 1")
         if not 0 <= self.interactive_share < 1:

@@ -48,6 +48,9 @@ def serve(
     max_connections: Annotated[int, typer.Option(
         min=1, help="Most connections open at once, per serving process; beyond, new ones get 503. Lowered if "
                     "the open-files limit cannot hold them.")] = 10_000,
+    models_refresh: Annotated[float, typer.Option(
+        min=0, metavar="SECONDS", help="How often each account's upstream is asked which models it serves (also "
+                                       "at start); 0: never.")] = 3600.0,
 ) -> None:
     """Serve the OpenAI-compatible gateway. The database is migrated to the current schema first."""
     if log_level not in ("debug", "info", "warning", "error"):
@@ -59,7 +62,7 @@ def serve(
         "log_format": log_format, "max_wait": max_wait, "max_queue": max_queue,
         "shutdown_grace": float(shutdown_grace), "interactive_share": interactive_share,
         "batch_concurrency": batch_concurrency, "workers": workers, "max_header_bytes": max_header_bytes,
-        "header_timeout": header_timeout, "max_connections": max_connections}
+        "header_timeout": header_timeout, "max_connections": max_connections, "models_refresh": models_refresh}
     serve_gateway(Settings.from_env(**options), options)
 
 

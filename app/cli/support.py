@@ -57,6 +57,11 @@ def in_db(ctx: typer.Context, work: Callable[[AsyncSession, float], Awaitable[_T
     return asyncio.run(main())
 
 
+def warn(message: str) -> None:
+    """One warning line on stderr (the command goes on, and succeeds)."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
+
+
 def console() -> Console:
     # Piped output is not cut to 80 columns; no markup, so names and reasons print as they are.
     return Console(width=None if sys.stdout.isatty() else 200, markup=False, highlight=False, emoji=False)

@@ -1,6 +1,6 @@
 """Write-behind: the request path hands records over without ever awaiting the database.
 
-``put_usage``, ``put_state``, ``put_session`` and ``put_idempotent`` are plain synchronous appends to
+``put_usage``, ``put_state``, ``put_limits``, ``put_session`` and ``put_idempotent`` are plain synchronous appends to
 in-memory buffers. A background task flushes them in one transaction every ``interval`` seconds (on
 the injected clock), or at once when ``max_batch`` usage records are waiting. A failed flush keeps
 the records and tries again on the next tick; the buffers are bounded (``max_buffer``) and drop
@@ -25,6 +25,7 @@ from collections import deque
 from typing import TypeVar
 
 from app.clock import Clock
+from app.pool.limits import Learned
 from app.pool.sessions import Binding
 from app.store.db import Database
 from app.store.records import IdempotentAnswer, StateChange, UsageRecord
@@ -51,6 +52,7 @@ class WriteBehind:
         self._usage: deque[UsageRecord] = deque()
         self._events: deque[StateChange] = deque()
         self._states: dict[str, _State] = {}
+        self._limits: dict[str, tuple[int, Learned]] = {}
         self._sessions: dict[str, Binding] = {}
         self._answers: dict[str, IdempotentAnswer] = {}
         self._writing_answers: dict[str, IdempotentAnswer] = {}  # taken by the flush in progress
@@ -78,6 +80,11 @@ class WriteBehind:
                                         reason=reason))
         self._dropped += _trim(self._events, self._max_buffer)
 
+    def put_limits(self, account: str, limits_rev: int, learned: Learned) -> None:
+        """Persist what the pool has learned of an account's limits (the latest wins). It is written only
+        while the stored ``limits_rev`` is still ``limits_rev``: an operator's ``reset-limits`` in between wins."""
+        self._limits[account] = (limits_rev, learned)
+
     def put_session(self, binding: Binding) -> None:
         """Persist a conversation binding as it is now (a copy; the latest per key wins)."""
         self._sessions[binding.key] = dataclasses.replace(binding)
@@ -93,7 +100,8 @@ class WriteBehind:
     @property
     def pending(self) -> int:
         """How many records wait to be written."""
-        return len(self._usage) + len(self._events) + len(self._states) + len(self._sessions) + len(self._answers)
+        return (len(self._usage) + len(self._events) + len(self._states) + len(self._limits) + len(self._sessions)
+                + len(self._answers))
 
     # --- progress: for tests and operators --------------------------------------------------------
 
@@ -164,11 +172,12 @@ class WriteBehind:
                 self._dropped = 0
             if not self.pending:
                 return False
-            usage, events, states = list(self._usage), list(self._events), self._states
+            usage, events, states, limits = list(self._usage), list(self._events), self._states, self._limits
             sessions, answers = self._sessions, self._answers
             self._usage.clear()
             self._events.clear()
             self._states = {}
+            self._limits = {}
             self._sessions = {}
             self._answers = {}
             self._writing_answers = answers
@@ -178,6 +187,8 @@ class WriteBehind:
                     accounts = AccountRepository(session)
                     for account, (state, until, reason) in states.items():
                         await accounts.save_state(account, state, until, reason)
+                    for account, (limits_rev, learned) in limits.items():
+                        await accounts.save_learned_limits(account, learned, limits_rev)
                     await HealthRepository(session).add_many(events)
                     await SessionRepository(session).upsert_many(list(sessions.values()))
                     if answers:
@@ -186,6 +197,8 @@ class WriteBehind:
                         await idempotency.purge(self._clock.time())
             except BaseException:
                 self._requeue(usage, events, states, sessions, answers)
+                for account, entry in limits.items():
+                    self._limits.setdefault(account, entry)
                 raise
             finally:
                 self._writing_answers = {}
