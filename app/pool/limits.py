@@ -13,7 +13,6 @@ interactive requests, which may use the whole.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 
 from app.accounts_config import AccountSpec
@@ -23,6 +22,9 @@ DAY = 86_400.0
 DAY_OFFSET = 8 * 3600.0
 """Daily token windows roll over at midnight in China (UTC+8), as Moonshot's do."""
 RECOVER_AFTER = 300.0
+CEILING = 1_000_000_000
+"""A limit learned where none is configured is forgotten once it has grown back past this (from 3 RPM: ~17 h
+without another 429); it would otherwise grow without end."""
 RESOLUTION = 0.25
 """Seconds per window bucket."""
 BUCKETS = ("concurrency", "rpm", "tpm", "tpd")
@@ -146,13 +148,14 @@ class Charge:
 def recovered(learned: int, at: float, now: float, configured: int | None) -> tuple[int, float] | None:
     """A limit learned at ``at``, as it stands at ``now``: it grows by a tenth (at least 1) every
     ``RECOVER_AFTER`` seconds. Returns the limit and the time its next step counts from, or None once it
-    has grown back to ``configured``."""
+    has grown back to ``configured`` (without one: past ``CEILING``)."""
+    ceiling = CEILING if configured is None else configured
     steps = max(0, int((now - at) // RECOVER_AFTER))
     for _ in range(steps):
-        learned += max(1, math.ceil(learned / 10))
-        if configured is not None and learned >= configured:
+        learned += max(1, -(-learned // 10))
+        if learned >= ceiling:
             return None
-    if configured is not None and learned >= configured:
+    if learned >= ceiling:
         return None
     return learned, at + steps * RECOVER_AFTER
 
