@@ -1,6 +1,6 @@
 """``kimi-pool accounts``: add, list, change and probe the upstream accounts of the pool.
 
-Adding an account (and changing its key, token, base URL or proxy) asks its upstream which models it serves
+Adding an account (and changing its key, token or base URL) asks its upstream which models it serves
 (``app.discovery``). A secret given as ``env:VAR`` is checked against this shell's environment, with a warning
 if it is unset there: the server resolves it from its own, and records what it found (``accounts list``).
 """

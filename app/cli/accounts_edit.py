@@ -44,9 +44,9 @@ def accounts_edit(
         metavar="FIELD", help=f"Put a field back to its default (repeat): {', '.join(UNSETTABLE)}.")] = None,
     no_discover: NoDiscover = False,
 ) -> None:
-    """Change an account in place, checked as 'accounts add' checks a new one. A new key, token, base URL or
-    proxy also clears a dead, cooling or exhausted state, and the upstream is asked again which models it
-    serves. A running server picks the change up within seconds."""
+    """Change an account in place, checked as 'accounts add' checks a new one. A new key or token also clears
+    a dead, cooling or exhausted state; with a new key, token or base URL the upstream is asked again which
+    models it serves. A running server picks the change up within seconds."""
     if api_key is not None and token is not None:
         raise ConfigError("give only one of --api-key and --token")
     given: dict[str, Any] = {

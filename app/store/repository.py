@@ -72,8 +72,9 @@ class AccountRepository:
         return row
 
     async def upsert(self, spec: AccountSpec, now: float) -> UpsertResult:
-        """Make the stored account match ``spec`` (import, edit); an update bumps ``config_rev``. A new key,
-        token, base URL or proxy revives the account's runtime state (``reaches_differently``).
+        """Make the stored account match ``spec`` (import, edit); an update bumps ``config_rev``. A new key or
+        token revives the account's runtime state (a dead key replaced is alive until the upstream says
+        otherwise); with a new base URL too, its models are asked again (``reaches_differently``).
 
         ``enabled = false`` in the file disables the account, and ``true`` undoes only that: an
         account an operator disabled (``set_enabled``) stays disabled, so a re-import or a
@@ -91,12 +92,13 @@ class AccountRepository:
             return "unchanged"
         was_enabled = row.enabled
         _apply_spec(row, spec)
-        moved = reaches_differently(before, spec)
-        if (spec.enabled and not was_enabled) or moved:
+        new_secret = before.secret != spec.secret
+        if (spec.enabled and not was_enabled) or new_secret:
             _revive(row)
-        if moved:
-            row.models_checked_at = None  # ask the upstream again what it serves
+        if new_secret:
             row.load_error = None  # the server judges the new credential when it loads it
+        if reaches_differently(before, spec):
+            row.models_checked_at = None  # ask the upstream again what it serves
         _touch(row, now)
         await self._session.flush()
         return "updated"
@@ -209,9 +211,9 @@ class AccountRepository:
 
 
 def reaches_differently(before: AccountSpec, after: AccountSpec) -> bool:
-    """Whether the account now reaches its upstream another way (key or token, base URL, proxy): it then gets a
-    fresh start (a dead key replaced is alive until the upstream says otherwise) and its models are asked again."""
-    return (before.secret, before.base_url, before.proxy) != (after.secret, after.base_url, after.proxy)
+    """Whether the account now reaches its upstream another way (key or token, base URL): its upstream is then
+    asked again which models it serves."""
+    return (before.secret, before.base_url) != (after.secret, after.base_url)
 
 
 def _apply_spec(row: AccountRow, spec: AccountSpec) -> None:

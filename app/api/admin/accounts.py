@@ -71,8 +71,8 @@ class Account(HTTPEndpoint):
 
     async def patch(self, request: Request) -> Response:
         """Change any fields; the account as it is then is checked as a whole. ``enabled`` works as
-        ``/disable`` and ``/enable`` do (enabling also revives a dead or cooling account). A new key, token,
-        base URL or proxy revives it too, and its upstream is asked again which models it serves."""
+        ``/disable`` and ``/enable`` do (enabling also revives a dead or cooling account). A new key or token
+        revives it too; with a new key, token or base URL its upstream is asked again which models it serves."""
         admin = admin_of(request)
         name = request.path_params["name"]
         body = await json_body(request, ACCOUNT_FIELDS)
