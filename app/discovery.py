@@ -110,14 +110,17 @@ class ModelDiscovery:
             await self._clock.sleep(min(self._interval, RETRY_AFTER))
 
     async def refresh(self, names: list[str] | None = None, *, due: bool = False) -> list[Found]:
-        """Ask the named accounts (None: every enabled one that is not dead) which models they serve, store the
-        answers and reload the pool if a list changed. ``due``: only those not asked for ``interval`` seconds."""
+        """Ask the named accounts (None: every enabled one that is not dead and has no list of its own) which models
+        they serve, store the answers and reload the pool if a list changed. ``due``: only those not asked for
+        ``interval`` seconds."""
         now = self._clock.time()
         async with self._db.session() as session:
             repo = AccountRepository(session)
-            rows = [await repo.get(name) for name in names] if names is not None else [
-                row for row in await repo.list()
-                if row.enabled and row.state != State.AUTH_DEAD and row.load_error is None]
+            if names is not None:
+                rows = [await repo.get(name) for name in names]
+            else:
+                rows = [row for row in await repo.list() if row.enabled and not row.models
+                        and row.state != State.AUTH_DEAD and row.load_error is None]
             if due:
                 rows = [row for row in rows
                         if row.models_checked_at is None or now - row.models_checked_at >= self._interval]
@@ -144,8 +147,8 @@ class ModelDiscovery:
         return found
 
     async def _store(self, told: list[Found], before: dict[str, list[str] | None]) -> bool:
-        if self._writer is not None:
-            await self._writer.flush()  # a reload must not bring back a state older than the pool's
+        if self._writer is not None and any(list(f.models or ()) != before.get(f.name) for f in told):
+            await self._writer.flush()  # the reload that follows must not bring back a state older than the pool's
         changed = False
         async with self._db.session() as session, session.begin():
             repo = AccountRepository(session)

@@ -71,7 +71,8 @@ def accounts_edit(
         await repo.upsert(after, now)
         return before, after
 
-    before, after = _in_db(ctx, edit, scrub=True)  # the old key must not linger in the files
+    # a replaced key or proxy login must not linger in the database's files
+    before, after = _in_db(ctx, edit, scrub=bool({"api_key", "token", "proxy"} & set(changes)))
     warn_unset(after)
     what = differences(before, after)
     if not what:
