@@ -28,6 +28,7 @@ DEFAULT_BASE_URLS = {
     "kimi-ai-chat": "https://kimi-ai.chat",
 }
 DEFAULT_MODELS = {
+    # What an account serves before its upstream has said (or when it cannot say): ``app.discovery`` asks.
     "moonshot": (
         "kimi-k3",
         "kimi-k2.7-code",
@@ -69,11 +70,26 @@ class AccountSpec:
     def effective_base_url(self) -> str:
         return (self.base_url or DEFAULT_BASE_URLS[self.kind]).rstrip("/")
 
-    def effective_models(self) -> tuple[str, ...]:
-        return self.models or DEFAULT_MODELS[self.kind]
+    def effective_models(self, discovered: tuple[str, ...] | list[str] | None = None) -> tuple[str, ...]:
+        """The model ids it serves: the operator's list (``--model``, an override), else what its upstream
+        said it serves (``discovered``), else its kind's usual models."""
+        if self.models:
+            return self.models
+        if discovered is not None:
+            return tuple(discovered)
+        return DEFAULT_MODELS[self.kind]
+
+    def models_source(self, discovered: tuple[str, ...] | list[str] | None = None) -> str:
+        """Where ``effective_models`` comes from: ``configured``, ``upstream`` or ``default``."""
+        return "configured" if self.models else "default" if discovered is None else "upstream"
 
     def effective_concurrency(self) -> int | None:
         return self.concurrency or DEFAULT_CONCURRENCY.get(self.kind)
+
+
+def model_id_ok(model: str) -> bool:
+    """Whether ``model`` is a model id kimi-pool takes (from an operator, or from an upstream's list)."""
+    return bool(_MODEL.match(model))
 
 
 def validate_name(name: str) -> str:

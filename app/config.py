@@ -46,6 +46,9 @@ class Settings:
     """How long the answer to a request with an ``Idempotency-Key`` is kept for its retries."""
     sync_interval: float = 2.0
     """How often the server re-reads accounts and keys (for writers that cannot tell it at once)."""
+    models_refresh: float = 3600.0
+    """Seconds between asking each account's upstream which models it serves (``app.discovery``); 0: never
+    (models then change only with ``accounts add``/``edit``/``check``)."""
     flush_interval: float = 1.0
     """How often usage rows and sessions are written (the write-behind): what a ``kill -9`` may lose."""
     cors_origins: tuple[str, ...] = ("*",)
@@ -99,6 +102,8 @@ class Settings:
             raise ConfigError(f"port must be between 1 and 65535, not {self.port}")
         if not 0 < self.flush_interval <= 3600:
             raise ConfigError(f"the flush interval must be above 0 and at most 3600 s, not {self.flush_interval!r}")
+        if self.models_refresh < 0:
+            raise ConfigError(f"the models refresh interval must not be negative, not {self.models_refresh!r}")
         if self.max_wait < 0 or self.max_queue < 0 or self.default_max_tokens < 1:
             raise ConfigError("max wait and queue depth must not be negative; default max tokens at least 1")
         if not 0 <= self.interactive_share < 1:

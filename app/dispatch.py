@@ -20,6 +20,7 @@ from typing import Protocol
 from app.capabilities import describe, first_param, kinds_able
 from app.clock import Clock
 from app.errors import (
+    SEE_MODELS,
     ClientGone,
     KimiPoolError,
     ModelNotFound,
@@ -85,7 +86,8 @@ class Dispatcher:
         cannot do what it needs (400 naming the parameter). Cheap: asked on every request."""
         model = request.model
         if model not in self._leases.models():
-            raise ModelNotFound(f"The model '{model}' does not exist or no enabled account serves it.",
+            raise ModelNotFound(f"The model '{model}' does not exist or no enabled account serves it. "
+                                f"{SEE_MODELS}",
                                 param="model")
         needs = request.needs
         if needs and not self._leases.capable(model, needs):

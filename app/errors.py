@@ -89,6 +89,10 @@ class ModelNotFound(NotFound):
     code = "model_not_found"
 
 
+SEE_MODELS = "GET /v1/models lists the models served (for the operator: kimi-pool models list)."
+"""How a client (and its operator) sees what is served: the end of every ``ModelNotFound`` message."""
+
+
 class MethodNotAllowed(KimiPoolError):
     status = 405
     type = "invalid_request_error"

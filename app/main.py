@@ -41,6 +41,7 @@ from app.batch.runner import BatchRunner
 from app.batch.service import BatchService
 from app.clock import Clock, SystemClock
 from app.config import Settings
+from app.discovery import STARTUP_WAIT, ModelDiscovery
 from app.dispatch import Dispatcher
 from app.errors import KimiPoolError
 from app.idempotency import Idempotency
@@ -115,10 +116,16 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         states = StateWriter(db, pool, clock)
         states.start()
         pool.on_state_change(states.changed)
+        pool.on_learn(lambda account: writer.put_limits(account.name, account.limits_rev, account.limits.learned()))
         session = create_session(settings, connector=transport)
         registry = Registry.default(session, clock)
         sync = AccountSync(db, pool, auth, clock, unsaved=states.unsaved)
         await sync.load()
+        discovery = ModelDiscovery(db, registry, clock, interval=settings.models_refresh, writer=writer, sync=sync)
+        discovery_task = asyncio.create_task(discovery.run()) if settings.models_refresh > 0 else None
+        if discovery_task is not None:  # serve what the upstreams say from the first request, unless they dawdle
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(discovery.wait_runs(1), STARTUP_WAIT)
         admission = Admission(pool, clock, max_queue=settings.max_queue, max_queue_per_key=settings.max_queue_per_key)
         sessions = SessionTable(ttl=settings.session_ttl, max_per_client=settings.max_sessions_per_key)
         async with db.session() as db_session:
@@ -144,7 +151,8 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
             if workers is not None:
                 await workers.caught_up()
 
-        app.state.admin = Admin(gateway, db, registry, writer, states, reload)
+        app.state.admin = Admin(gateway, db, registry, writer, states, reload, discovery)
+        app.state.discovery = discovery
         runner = BatchRunner(db, dispatcher, clock, models=pool.models, concurrency=settings.batch_concurrency,
                              max_wait=settings.batch_max_wait, max_attempts=settings.batch_max_attempts)
         app.state.batch_runner = runner
@@ -170,9 +178,11 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
             await notices.close()
             if workers is not None:
                 await workers.stop()  # they finish their requests while the pool and the store are up
-            sync_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await sync_task
+            for task in (sync_task, discovery_task):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
             await runner.close()
             await sweeper.close()
             await admission.close()

@@ -5,19 +5,22 @@ and the account can take requests, all accounts at once, one request each. The a
 account's runtime state: a working account returns to ``active`` (however it was cooling, dead or
 out of credit), a rejected key becomes ``auth_dead``, an empty balance ``quota_exhausted``, a 429
 ``cooling_down``. A failure that says nothing about the account (5xx, network, overload) leaves the
-state alone and is only reported. Writes bump ``config_rev`` and ``state_rev``: a running server
-reloads the account (at once when the CLI tells it, ``app.notify``; else within one sync interval)
-and never overwrites the verdict with an older state of its own (``app.store.states``).
+state alone and is only reported. A working account's upstream is also asked which models it serves
+(``app.discovery``), and the answer stored with the verdict. Writes bump ``config_rev`` and ``state_rev``: a
+running server reloads the account (at once when the CLI tells it, ``app.notify``; else within one sync
+interval) and never overwrites the verdict with an older state of its own (``app.store.states``).
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
 from app.accounts_config import AccountSpec, resolve_secret
 from app.clock import Clock
+from app.discovery import change, discover
 from app.errors import AuthDead, ConfigError, QuotaExhausted, RateLimited, UpstreamError
 from app.pool.account import Account
 from app.store.db import Database
@@ -38,6 +41,9 @@ class ProbeResult:
     detail: str
     outcome: Outcome = "ok"
     """``ok``: the account works; ``failed``: it does not, or the probe could not tell."""
+    models: list[str] | None = None
+    """The models its upstream says it serves (asked once it works); None: not asked, or the upstream does not
+    say."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +54,7 @@ class _Target:
     state: str
     enabled: bool
     disabled_reason: str | None
+    discovered: list[str] | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +90,8 @@ async def _read_targets(db: Database, names: list[str] | None) -> list[_Target]:
             rows = [row for row in await repo.list() if row.enabled]
         else:
             rows = [await repo.get(name) for name in dict.fromkeys(names)]
-        return [_Target(repo.to_spec(row), row.state, row.enabled, row.disabled_reason) for row in rows]
+        return [_Target(repo.to_spec(row), row.state, row.enabled, row.disabled_reason, row.discovered_models)
+                for row in rows]
 
 
 async def _probe(target: _Target, registry: Registry, clock: Clock) -> _Verdict:
@@ -111,7 +119,14 @@ async def _probe(target: _Target, registry: Registry, clock: Clock) -> _Verdict:
         return verdict("cooling_down", exc.message, "failed", until=clock.time() + exc.retry_after, write=True)
     except UpstreamError as exc:  # 5xx, network, overload, a refused route: says nothing about the account
         return verdict(target.state, f"state left as it was: {exc.message}", "failed")
-    return verdict("active", "ok", "ok", write=True)
+    found = await discover(registry, spec)
+    if found.models is None:
+        detail = "ok" if found.error is None else f"ok; could not list its models: {found.error}"
+        return verdict("active", detail, "ok", write=True)
+    what = change(target.discovered, found.models) if target.discovered is not None else ""
+    ok = verdict("active", f"ok; serves {len(found.models)} model(s)" + (f" ({what})" if what else ""), "ok",
+                 write=True)
+    return dataclasses.replace(ok, result=dataclasses.replace(ok.result, models=list(found.models)))
 
 
 async def _write(db: Database, verdicts: list[_Verdict], now: float) -> list[ProbeResult]:
@@ -125,6 +140,8 @@ async def _write(db: Database, verdicts: list[_Verdict], now: float) -> list[Pro
             if verdict.write:
                 try:
                     await accounts.set_runtime_state(result.name, result.after, verdict.until, verdict.reason, now)
+                    if result.models is not None:
+                        await accounts.set_models(result.name, result.models, now)
                 except ConfigError:
                     result = ProbeResult(result.name, result.kind, result.before, result.before,
                                          "removed while it was probed", "failed")

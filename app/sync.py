@@ -3,9 +3,12 @@
 The CLI and the admin API write the database, then tell a running server to reload at once (the
 admin API calls ``load``; the CLI, over ``app.notify``'s socket); the server also reads it back
 every ``interval`` seconds (one cheap query), for writers that cannot tell it. Account rows whose
-``config_rev`` did not change are left alone. A reloaded account takes the runtime state of its row,
-unless the server has a newer one of its own that is still being written (``unsaved``) and the row
-holds what the server last stored: then the pool's stands.
+``config_rev`` and discovered models (``app.discovery``) did not change are left alone. A reloaded
+account takes the runtime state of its row, unless the server has a newer one of its own that is still
+being written (``unsaved``) and the row holds what the server last stored: then the pool's stands. An
+account whose credential this process cannot load (an ``env:VAR`` it does not have, a lapsed token) is
+``auth_dead``; the sync says so in a WARNING and stores the reason with the account (``load_error``) for
+``accounts list`` and the admin API.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+
+from sqlalchemy.exc import SQLAlchemyError
 
 from app.accounts_config import resolve_secret
 from app.api.auth import Authenticator
@@ -30,25 +35,31 @@ log = logging.getLogger("kimi_pool.sync")
 
 
 def account_from_row(row: AccountRow, catalogue: Catalogue | None = None, now: float | None = None, *,
-                     runtime: Runtime | None = None) -> Account:
-    """The pool's view of a stored account. A secret that cannot be resolved, or a kimi-web token
-    that has lapsed (at ``now``), makes it ``auth_dead`` with the reason. ``runtime``: the state to
-    take instead of the row's (the server's own, not stored yet)."""
+                     runtime: Runtime | None = None) -> tuple[Account, str | None]:
+    """The pool's view of a stored account, and why its credential could not be loaded (None if it could). A
+    secret that cannot be resolved here (an ``env:VAR`` this process does not have), or a kimi-web token that has
+    lapsed (at ``now``), makes it ``auth_dead`` with that reason. ``runtime``: the state to take instead of the
+    row's (the server's own, not stored yet)."""
     spec = AccountRepository.to_spec(row)
     name, until, reason = runtime or (row.state, row.state_until, row.state_reason)
     state = State(name)
+    problem = None
     try:
         secret = resolve_secret(spec.secret)
         if spec.kind == "kimi-web" and secret is not None and now is not None:
             check_fresh(secret, now, spec.name)
     except ConfigError as exc:
-        secret, state, reason = None, State.AUTH_DEAD, exc.message
+        problem = exc.message
+        if spec.secret is not None and spec.secret.startswith("env:"):
+            problem += " in the server's environment"
+        secret, state, reason = None, State.AUTH_DEAD, problem
     if not row.enabled:
         state, reason = State.DISABLED, row.disabled_reason
     until = until if state in (State.COOLING_DOWN, State.QUOTA_EXHAUSTED) else None
-    account = Account(spec, secret, rev=row.config_rev, state=state, until=until, reason=reason, catalogue=catalogue)
+    account = Account(spec, secret, rev=row.config_rev, state=state, until=until, reason=reason, catalogue=catalogue,
+                      discovered=row.discovered_models, learned=row.learned_limits, limits_rev=row.limits_rev)
     account.stored = row.state_rev
-    return account
+    return account, problem
 
 
 class AccountSync:
@@ -65,6 +76,7 @@ class AccountSync:
         self._loading = asyncio.Lock()
         self._catalogue: Catalogue | None = None
         self._warned: dict[str, float] = {}  # account → the token expiry it was warned about
+        self._problems: dict[str, str] = {}  # account → why its credential does not load, as last logged
         self._listeners: list[Callable[[], None]] = []
         self._quiet = quiet
         self._unsaved = unsaved
@@ -95,17 +107,26 @@ class AccountSync:
         self._catalogue = catalogue
         now = self._clock.time()
         seen = set()
+        changed: dict[str, str | None] = {}
         for row in rows:
             seen.add(row.name)
             current = self._pool.accounts.get(row.name)
-            if current is None or current.rev != row.config_rev or rebuild:
-                self._pool.put(account_from_row(row, catalogue, now, runtime=self._pending(current, row)))
+            if current is None or current.rev != row.config_rev or current.discovered != row.discovered_models \
+                    or rebuild:
+                account, problem = account_from_row(row, catalogue, now, runtime=self._pending(current, row))
+                self._pool.put(account)
                 if not self._quiet:
                     log.info("account %s loaded (rev %d)", row.name, row.config_rev)
+                    self._say(row.name, problem)
+                if problem != row.load_error:
+                    changed[row.name] = problem
             if row.kind == "kimi-web" and not self._quiet:
                 self._warn_lapsing(row, now)
+        if changed and not self._quiet:
+            await self._store_problems(changed)
         for name in set(self._pool.accounts) - seen:
             self._pool.remove(name)
+            self._problems.pop(name, None)
             if not self._quiet:
                 log.info("account %s removed", name)
         self._auth.set_client_keys(hashes)
@@ -123,6 +144,27 @@ class AccountSync:
         if current.stored != row.state_rev or current.state is State.DISABLED:
             return None
         return current.runtime
+
+    def _say(self, name: str, problem: str | None) -> None:
+        """A WARNING when an account's credential cannot be loaded (once per problem), an INFO when it can again."""
+        if problem == self._problems.get(name):
+            return
+        if problem is None:
+            del self._problems[name]
+            log.info("account %s: its credential loads again", name)
+        else:
+            self._problems[name] = problem
+            log.warning("account %s takes no traffic: %s", name, problem)
+
+    async def _store_problems(self, problems: dict[str, str | None]) -> None:
+        """Store why accounts' credentials could not be loaded (``load_error``: ``accounts list`` shows it)."""
+        try:
+            async with self._db.session() as session, session.begin():
+                accounts = AccountRepository(session)
+                for name, problem in problems.items():
+                    await accounts.save_load_error(name, problem)
+        except SQLAlchemyError as exc:
+            log.warning("could not record why accounts did not load: %s", type(exc).__name__)
 
     def _warn_lapsing(self, row: AccountRow, now: float) -> None:
         """Log once per token when a kimi-web login is about to lapse (there is no refresh flow)."""

@@ -24,7 +24,7 @@ from app.clock import ManualClock
 from app.config import Settings
 from app.emulator import moonshot_wire as wire
 from app.emulator.asgi import bearer_token, send_whole
-from app.emulator.moonshot import MoonshotEmulator, MoonshotEmulatorConfig, create_moonshot_emulator
+from app.emulator.moonshot import MoonshotEmulator, MoonshotEmulatorConfig, create_moonshot_emulator, default_models
 from app.errors import ConfigError
 from app.pool.account import State
 from app.probe import ProbeResult, probe_accounts
@@ -36,6 +36,7 @@ from app.upstreams.registry import Registry
 from tests.conftest import reload, run_stack, serve
 
 BALANCE = "/v1/users/me/balance"
+MODELS = "/v1/models"
 GOOD, GOOD2, GOOD3 = "sk-emu-0001", "sk-emu-0002", "sk-emu-0003"
 NEVER_ISSUED = "sk-never-issued-0123456789"
 
@@ -131,7 +132,11 @@ async def test_a_working_key_brings_a_cooling_or_exhausted_account_back(tmp_path
         for name in results:
             row = await env.row(name)
             assert (row.state, row.state_until, row.state_reason, row.config_rev) == ("active", None, None, 2)
-        assert sorted(env.tap.seen) == [("GET", BALANCE, key) for key in (GOOD, GOOD2, GOOD3)]
+            assert row.discovered_models == list(default_models()), "a working account is asked its models too"
+            assert results[name].models == row.discovered_models
+        assert results["fresh"].detail == f"ok; serves {len(default_models())} model(s)"
+        assert sorted(env.tap.seen) == sorted(("GET", path, key) for key in (GOOD, GOOD2, GOOD3)
+                                              for path in (BALANCE, MODELS))
         env.untouched()
 
 
@@ -149,7 +154,7 @@ async def test_a_rejected_key_is_auth_dead_with_the_reason(tmp_path: Path) -> No
         async with env.db.session() as session:
             [event] = await HealthRepository(session).recent(account="revoked")
         assert (event.state, event.reason) == ("auth_dead", dead.detail)
-        assert env.tap.per_key() == {GOOD: 1, NEVER_ISSUED: 1}
+        assert env.tap.per_key() == {GOOD: 2, NEVER_ISSUED: 1}, "a dead key is not asked its models"
 
 
 async def test_an_empty_balance_is_quota_exhausted(tmp_path: Path) -> None:
@@ -217,7 +222,7 @@ async def test_the_probe_goes_through_the_accounts_proxy(tmp_path: Path) -> None
         await env.add("proxied", GOOD, base_url="http://upstream.invalid/v1", proxy=env.url)
         [result] = (await env.probe()).values()
         assert result.outcome == "ok", result.detail
-        assert env.tap.seen == [("GET", BALANCE, GOOD)]
+        assert env.tap.seen == [("GET", BALANCE, GOOD), ("GET", MODELS, GOOD)]
 
 
 # --- which accounts -------------------------------------------------------------------------------
@@ -230,14 +235,14 @@ async def test_disabled_accounts_are_probed_only_by_name_and_stay_disabled(tmp_p
         async with env.db.session() as session, session.begin():
             await AccountRepository(session).set_enabled("off", False, "rotating key", env.clock.time())
         assert set(await env.probe()) == {"on"}
-        assert env.tap.per_key() == {GOOD: 1}
+        assert env.tap.per_key() == {GOOD: 2}
 
         [result] = (await env.probe(["off", "off"])).values()
         assert (result.before, result.after, result.outcome) == ("auth_dead", "active", "ok")
         assert "stays disabled (rotating key)" in result.detail
         row = await env.row("off")
         assert (row.enabled, row.state, row.disabled_reason) == (False, "active", "rotating key")
-        assert env.tap.per_key() == {GOOD: 1, GOOD2: 1}
+        assert env.tap.per_key() == {GOOD: 2, GOOD2: 2}
 
 
 async def test_unknown_names_fail_before_anything_is_sent(tmp_path: Path) -> None:
@@ -260,7 +265,7 @@ async def test_secret_references_are_resolved_and_never_shown(tmp_path: Path,
         unset = results["unset"]
         assert (unset.after, unset.outcome) == ("auth_dead", "failed") and "not probed" in unset.detail
         assert (await env.row("unset")).config_rev == 1, "the CLI's environment is not the server's: judge nothing"
-        assert env.tap.seen == [("GET", BALANCE, GOOD)]
+        assert env.tap.seen == [("GET", BALANCE, GOOD), ("GET", MODELS, GOOD)]
         assert GOOD not in repr(results)
 
 

@@ -39,3 +39,17 @@ def test_a_port_already_taken_ends_serve_in_one_line(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     assert "address already in use" in done.stderr.lower()
+
+
+async def test_serve_asks_the_upstream_for_its_models_unless_told_not_to(tmp_path: Path) -> None:
+    emulator_app = create_moonshot_emulator(MoonshotEmulatorConfig.simple(keys=1))
+    emulator_app.state.emulator.configure({"models": ["kimi-k3", "kimi-k4:1048576:default_on"]})
+    async with serve(emulator_app) as emulator_url:
+        served: dict[str, set[str]] = {}
+        for run, args in (("asks", ()), ("never", ("--models-refresh", "0"))):
+            (tmp_path / run).mkdir()
+            async with gateway_process(tmp_path / run, emulator_url, *args) as (_process, url, _log):
+                async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {MASTER_KEY}"}) as http:
+                    served[run] = {model["id"] for model in (await http.get("/v1/models")).json()["data"]}
+    assert served["asks"] == {"kimi-k3", "kimi-k4"}, "from the first request: the server asked before it served"
+    assert "kimi-k4" not in served["never"] and "kimi-k2.5" in served["never"], "the kind's usual list"

@@ -1,16 +1,23 @@
-"""``kimi-pool accounts``: add, list, change and probe the upstream accounts of the pool."""
+"""``kimi-pool accounts``: add, list, change and probe the upstream accounts of the pool.
+
+Adding an account (and changing its key, token or base URL) asks its upstream which models it serves
+(``app.discovery``). A secret given as ``env:VAR`` is checked against this shell's environment, with a warning
+if it is unset there: the server resolves it from its own, and records what it found (``accounts list``).
+"""
 
 import asyncio
 import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.accounts_config import load_accounts_toml, make_account_spec
+from app.cli.accounts_edit import accounts_edit, accounts_reset_limits
+from app.cli.discovery import NoDiscover, discover_models, told, warn_unset
 from app.cli.support import cli_state as _state
 from app.cli.support import console as _console
 from app.cli.support import human_time as _human_time
@@ -25,6 +32,8 @@ from app.views import OPERATOR_REASON, account_view
 
 accounts_app = typer.Typer(name="accounts", no_args_is_help=True,
                            help="Manage the upstream accounts of the pool.")
+accounts_app.command("edit")(accounts_edit)
+accounts_app.command("reset-limits")(accounts_reset_limits)
 
 
 @accounts_app.command("add")
@@ -51,8 +60,10 @@ def accounts_add(
     keep_chats: Annotated[bool | None, typer.Option(
         "--keep-chats/--delete-chats", help="kimi-web: keep the chats of one-off requests on kimi.com "
         "(default: delete them).", show_default=False)] = None,
+    no_discover: NoDiscover = False,
 ) -> None:
-    """Add an account. Give secrets as env:VAR to keep them out of the database and shell history."""
+    """Add an account, and ask its upstream which models it serves. Give secrets as env:VAR to keep them out
+    of the database and shell history."""
     if api_key is not None and token is not None:
         raise ConfigError("give only one of --api-key and --token")
     options = {k: v for k, v in (("max_message_chars", max_message_chars), ("keep_chats", keep_chats))
@@ -66,8 +77,17 @@ def accounts_add(
     expiry = ""
     if spec.kind == "kimi-web" and spec.secret and not spec.secret.startswith("env:"):
         expiry = f", token expires {check_fresh(spec.secret, now, spec.name).describe(now)}"
-    _in_db(ctx, lambda session, now: AccountRepository(session).add(spec, now), change=True)
-    typer.echo(f"added account {spec.name} ({spec.kind}{expiry})")
+    warn_unset(spec)
+    found = None if no_discover else discover_models(ctx, spec)
+
+    async def add(session: AsyncSession, now: float) -> None:
+        repo = AccountRepository(session)
+        await repo.add(spec, now)
+        if found is not None and found.models is not None:
+            await repo.set_models(spec.name, found.models, now)
+
+    _in_db(ctx, add, change=True)
+    typer.echo(f"added account {spec.name} ({spec.kind}{expiry}{told(found)})")
 
 
 @accounts_app.command("list")
@@ -75,10 +95,14 @@ def accounts_list(
     ctx: typer.Context,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
 ) -> None:
-    """List the accounts with their state, limits and masked key."""
-    rows = _in_db(ctx, lambda session, _now: AccountRepository(session).list())
+    """List the accounts with their state, the models they serve, their limits (configured, and learned from
+    the upstream's 429s) and masked key. An account whose credential the server could not load (an env:VAR
+    unset in the server's environment) shows auth_dead and why."""
+    async def read(session: AsyncSession, now: float) -> list[dict[str, Any]]:
+        return [account_view(row, now) for row in await AccountRepository(session).list()]
+
+    views = _in_db(ctx, read)
     now = _state(ctx).clock.time()
-    views = [account_view(row) for row in rows]
     if as_json:
         typer.echo(json.dumps(views, indent=2, ensure_ascii=False))
         return
@@ -87,12 +111,11 @@ def accounts_list(
         return
     table = Table("name", "kind", "state", "until", "reason", "models", "limits", "weight", "key", "expires")
     for view in views:
-        limits = [f"{k}={view[k]}" for k in ("rpm", "tpm", "tpd", "concurrency") if view[k] is not None]
         expires = view["token_expires"]
         table.add_row(
             view["name"], view["kind"], view["state"], _human_time(view["until"], now),
-            view["reason"] or "-", ", ".join(view["models"]) or "default", " ".join(limits) or "-",
-            f"{view['weight']:g}", view["key"], "-" if expires is None else _token_expiry(expires, now),
+            view["reason"] or "-", _models_cell(view), _limits_cell(view), f"{view['weight']:g}", view["key"],
+            "-" if expires is None else _token_expiry(expires, now),
         )
     _console().print(table)
 
@@ -131,6 +154,8 @@ def accounts_import(
 ) -> None:
     """Create or update every account of an accounts.toml; accounts not in the file are left alone."""
     config = load_accounts_toml(path)
+    for spec in config.accounts:
+        warn_unset(spec)
 
     async def upsert_all(session: AsyncSession, now: float) -> list[str]:
         return list(await import_config(session, config, now))
@@ -195,3 +220,24 @@ def accounts_check(
 
 def _token_expiry(expires_at: float, now: float) -> str:
     return TokenInfo("", expires_at, None).describe(now)
+
+
+def _models_cell(view: dict[str, Any]) -> str:
+    source = view["models_source"]
+    if source == "configured":
+        return ", ".join(view["serves"])
+    return f"{len(view['serves'])} from upstream" if source == "upstream" else "default"
+
+
+def _limits_cell(view: dict[str, Any]) -> str:
+    """``rpm=3 (learned, configured 60) tpm=100000``: the effective limits, saying which were learned."""
+    cells = []
+    for bucket in ("rpm", "tpm", "tpd", "concurrency"):
+        effective = view["effective_limits"][bucket]
+        if bucket in view["learned_limits"]:
+            configured = view[bucket]
+            cells.append(f"{bucket}={effective} (learned" + ("" if configured is None else
+                                                             f", configured {configured}") + ")")
+        elif view[bucket] is not None:
+            cells.append(f"{bucket}={view[bucket]}")
+    return " ".join(cells) or "-"

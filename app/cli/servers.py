@@ -62,6 +62,9 @@ def serve(
     flush_interval: Annotated[float, typer.Option(
         min=0.01, max=3600, help="Seconds between writes of usage rows and sessions: what a crash may lose "
                                  "(account states are written at once).")] = 1.0,
+    models_refresh: Annotated[float, typer.Option(
+        min=0, metavar="SECONDS", help="How often each account's upstream is asked which models it serves (also "
+                                       "at start); 0: never.")] = 3600.0,
 ) -> None:
     """Serve the OpenAI-compatible gateway. The database is migrated to the current schema first."""
     if log_level not in ("debug", "info", "warning", "error"):
@@ -75,7 +78,8 @@ def serve(
         "batch_concurrency": batch_concurrency, "workers": workers, "max_header_bytes": max_header_bytes,
         "header_timeout": header_timeout, "max_connections": max_connections, "flush_interval": flush_interval,
         "max_queue_per_key": max_queue_per_key, "max_sessions_per_key": max_sessions_per_key,
-        "max_files_per_key": max_files_per_key, "max_file_bytes_per_key": max_file_bytes_per_key}
+        "max_files_per_key": max_files_per_key, "max_file_bytes_per_key": max_file_bytes_per_key,
+        "models_refresh": models_refresh}
     serve_gateway(Settings.from_env(**options), options)
 
 

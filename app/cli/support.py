@@ -69,7 +69,12 @@ async def tell_running_server(db_url: str) -> None:
     nothing to do. One that cannot be told: a warning, not an error; it reloads within seconds anyway."""
     problem = await tell_server(db_url)
     if problem is not None:
-        print(f"{PROG}: warning: {problem}; it picks the change up within its sync interval (2 s)", file=sys.stderr)
+        warn(f"{problem}; it picks the change up within its sync interval (2 s)")
+
+
+def warn(message: str) -> None:
+    """One warning line on stderr (the command goes on, and succeeds)."""
+    print(f"{PROG}: warning: {message}", file=sys.stderr)
 
 
 def console() -> Console:

@@ -105,6 +105,13 @@ def parse_model_spec(spec: str) -> tuple[str, ModelInfo]:
                            efforts=K3_EFFORTS if "efforts" in traits[2:] else ())
 
 
+def parse_model_list(specs: Any) -> dict[str, ModelInfo]:
+    """A non-empty list of model specs (``parse_model_spec``) → the models to serve (``ValueError``)."""
+    if not isinstance(specs, list) or not specs or not all(isinstance(spec, str) for spec in specs):
+        raise ValueError(f"models must be a non-empty list of model specs ({MODEL_SPEC}), not {specs!r}")
+    return dict(parse_model_spec(spec) for spec in specs)
+
+
 RUNTIME_KNOBS = (
     "first_token_delay", "chunk_interval", "reply_words", "reasoning_words", "usage_position",
     "rate_limit_headers", "price_per_1k_tokens", "default_max_tokens", "overloaded",

@@ -33,6 +33,7 @@ from app.emulator.moonshot_config import (
     Org,
     check_knobs,
     check_org_changes,
+    parse_model_list,
 )
 from app.emulator.moonshot_prompt import Prompt, scan
 from app.emulator.moonshot_records import (
@@ -123,7 +124,7 @@ class MoonshotEmulator(Controls):
         }
 
     def knobs(self) -> dict[str, Any]:
-        return {name: getattr(self.config, name) for name in RUNTIME_KNOBS}
+        return {**{name: getattr(self.config, name) for name in RUNTIME_KNOBS}, "models": list(self.config.models)}
 
     def script_answers(self, key: str | None, answers: Any) -> int:
         """Queue scripted answers (``moonshot_answers``) for ``key`` (None: any key), played one per
@@ -156,13 +157,17 @@ class MoonshotEmulator(Controls):
         self._notify()
 
     def configure(self, changes: Mapping[str, Any]) -> dict[str, Any]:
-        """Change runtime knobs and organizations (balance, suspended, limits); returns the knobs."""
-        knobs = {name: value for name, value in changes.items() if name != "orgs"}
+        """Change runtime knobs, organizations (balance, suspended, limits) and the served models (``models``: a
+        list of ``--model`` specs, replacing the list, as when Moonshot retires and adds ids); returns the knobs."""
+        knobs = {name: value for name, value in changes.items() if name not in ("orgs", "models")}
         check_knobs(knobs)
         org_changes = changes.get("orgs", {})
         check_org_changes(org_changes, self.config.orgs)
+        models = parse_model_list(changes["models"]) if "models" in changes else None
         for name, value in knobs.items():
             setattr(self.config, name, value)
+        if models is not None:
+            self.config.models = models
         for name, change in org_changes.items():
             org = self.config.orgs[name]
             org.balance = float(change.get("balance", org.balance))

@@ -11,7 +11,7 @@ from enum import StrEnum
 from app.accounts_config import AccountSpec
 from app.capabilities import capabilities
 from app.catalogue import Catalogue
-from app.pool.limits import Limits
+from app.pool.limits import Learned, Limits
 
 
 class State(StrEnum):
@@ -45,8 +45,8 @@ class Account:
     """Mutable runtime view of an account. Only the pool changes it."""
 
     __slots__ = (
-        "capabilities", "in_flight", "kind", "limits", "models", "name", "reason", "rev", "secret", "spec", "state",
-        "stored", "streak", "until", "upstream_models", "weight",
+        "capabilities", "discovered", "in_flight", "kind", "limits", "limits_rev", "models", "name", "reason", "rev",
+        "secret", "spec", "state", "stored", "streak", "until", "upstream_models", "weight",
     )
 
     def __init__(
@@ -59,19 +59,27 @@ class Account:
         until: float | None = None,
         reason: str | None = None,
         catalogue: Catalogue | None = None,
+        discovered: tuple[str, ...] | list[str] | None = None,
+        learned: Learned | None = None,
+        limits_rev: int = 0,
     ) -> None:
+        """``discovered``: the models its upstream said it serves; ``learned``: the limits the server had
+        learned of it (both as stored with the account); ``limits_rev``: bumped when an operator makes the
+        server forget learned limits."""
         self.spec = spec
         self.secret = secret
         self.name = spec.name
         self.kind = spec.kind
-        self.upstream_models = (catalogue or Catalogue()).served_by(spec)
+        self.discovered = discovered
+        self.upstream_models = (catalogue or Catalogue()).served_by(spec, discovered)
         """Every model name this account answers to (aliases included) → the upstream's id for it."""
         self.models = frozenset(self.upstream_models)
         self.capabilities = {name: capabilities(spec.kind, upstream)
                              for name, upstream in self.upstream_models.items()}
         """Model name → what this account can do when it serves it (``app.capabilities``)."""
         self.weight = spec.weight
-        self.limits = Limits(spec)
+        self.limits = Limits(spec, learned)
+        self.limits_rev = limits_rev
         self.rev = rev
         self.state = state
         self.until = until

@@ -13,7 +13,6 @@ interactive requests, which may use the whole.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 
 from app.accounts_config import AccountSpec
@@ -23,6 +22,9 @@ DAY = 86_400.0
 DAY_OFFSET = 8 * 3600.0
 """Daily token windows roll over at midnight in China (UTC+8), as Moonshot's do."""
 RECOVER_AFTER = 300.0
+CEILING = 1_000_000_000
+"""A limit learned where none is configured is forgotten once it has grown back past this (from 3 RPM: ~17 h
+without another 429); it would otherwise grow without end."""
 RESOLUTION = 0.25
 """Seconds per window bucket."""
 BUCKETS = ("concurrency", "rpm", "tpm", "tpd")
@@ -143,13 +145,33 @@ class Charge:
         self.tpm = tpm
 
 
+def recovered(learned: int, at: float, now: float, configured: int | None) -> tuple[int, float] | None:
+    """A limit learned at ``at``, as it stands at ``now``: it grows by a tenth (at least 1) every
+    ``RECOVER_AFTER`` seconds. Returns the limit and the time its next step counts from, or None once it
+    has grown back to ``configured`` (without one: past ``CEILING``)."""
+    ceiling = CEILING if configured is None else configured
+    steps = max(0, int((now - at) // RECOVER_AFTER))
+    for _ in range(steps):
+        learned += max(1, -(-learned // 10))
+        if learned >= ceiling:
+            return None
+    if learned >= ceiling:
+        return None
+    return learned, at + steps * RECOVER_AFTER
+
+
+Learned = dict[str, dict[str, float]]
+"""What was learned, as it is stored: bucket → ``{"limit": n, "at": when}``."""
+
+
 class Limits:
     """The pacing state of one account. ``fits``/``charge``/``settle`` run on every request: O(1)
     amortised (each window entry is pruned once)."""
 
     __slots__ = ("_learned_at", "configured", "day", "effective", "rpm", "tpm")
 
-    def __init__(self, spec: AccountSpec) -> None:
+    def __init__(self, spec: AccountSpec, learned: Learned | None = None) -> None:
+        """``learned``: what the server had learned of this account (stored with it), taken up again."""
         self.configured: dict[str, int | None] = {
             "concurrency": spec.effective_concurrency(), "rpm": spec.rpm, "tpm": spec.tpm, "tpd": spec.tpd}
         self.effective = dict(self.configured)
@@ -157,16 +179,40 @@ class Limits:
         self.rpm = Window(MINUTE)
         self.tpm = Window(MINUTE)
         self.day = DayCounter()
+        for bucket, entry in (learned or {}).items():
+            try:
+                self._adopt(bucket, int(entry["limit"]), float(entry["at"]))
+            except (KeyError, TypeError, ValueError):
+                continue  # a stored entry this version does not understand: forget it
 
-    def carry_over(self, old: Limits) -> None:
-        """Keep the windows and what was learned when the account's configuration is reloaded."""
+    def _adopt(self, bucket: str, learned: int | None, at: float) -> None:
+        if bucket not in BUCKETS or learned is None:
+            return
+        configured = self.configured[bucket]
+        if configured is None or learned < configured:
+            self.effective[bucket] = max(1, learned)
+            self._learned_at[bucket] = at
+
+    def carry_over(self, old: Limits, *, learned: bool = True) -> None:
+        """Keep the windows and (``learned``) what was learned when the account's configuration is
+        reloaded; without ``learned`` (an operator's ``reset-limits``) the configured limits hold again."""
         self.rpm, self.tpm, self.day = old.rpm, old.tpm, old.day
-        for bucket, at in old._learned_at.items():
-            learned = old.effective[bucket]
-            configured = self.configured[bucket]
-            if learned is not None and (configured is None or learned < configured):
-                self.effective[bucket] = learned
-                self._learned_at[bucket] = at
+        self.effective = dict(self.configured)
+        self._learned_at = {}
+        if learned:
+            for bucket, at in old._learned_at.items():
+                self._adopt(bucket, old.effective[bucket], at)
+
+    def learned(self) -> Learned:
+        """What has been learned and not recovered yet, as it is stored."""
+        return {bucket: {"limit": limit, "at": at} for bucket, at in self._learned_at.items()
+                if (limit := self.effective[bucket]) is not None}
+
+    def current(self, now: float) -> dict[str, int | None]:
+        """The effective limits at ``now`` (what was learned, recovered as far as time allows)."""
+        if self._learned_at:
+            self._recover(now)
+        return dict(self.effective)
 
     # --- the hot path ----------------------------------------------------------------------------
 
@@ -239,10 +285,11 @@ class Limits:
 
     # --- learning ------------------------------------------------------------------------------
 
-    def learn(self, bucket: str | None, limit: int | None, in_flight: int, now: float) -> None:
-        """The upstream refused a request for ``bucket``; lower that window to what it allowed."""
+    def learn(self, bucket: str | None, limit: int | None, in_flight: int, now: float) -> bool:
+        """The upstream refused a request for ``bucket``; lower that window to what it allowed. Returns
+        whether something was learned."""
         if bucket not in BUCKETS:
-            return
+            return False
         if limit is None:
             if bucket == "concurrency":
                 limit = in_flight - 1  # the others in flight were allowed; this one was not
@@ -251,29 +298,27 @@ class Limits:
             elif bucket == "tpm":
                 limit = int(self.tpm.used(now) * 0.9)
             else:
-                return
+                return False
         limit = max(1, limit)
         current = self.effective[bucket]
         if current is None or limit < current:
             self.effective[bucket] = limit
         self._learned_at[bucket] = now
+        return True
 
     def _recover(self, now: float) -> None:
         for bucket, at in list(self._learned_at.items()):
-            steps = int((now - at) // RECOVER_AFTER)
-            if steps <= 0:
+            if now - at < RECOVER_AFTER:
                 continue
             learned = self.effective[bucket]
             assert learned is not None
-            for _ in range(steps):
-                learned = learned + max(1, math.ceil(learned / 10))
             configured = self.configured[bucket]
-            if configured is not None and learned >= configured:
+            now_at = recovered(learned, at, now, configured)
+            if now_at is None:
                 self.effective[bucket] = configured
                 del self._learned_at[bucket]
             else:
-                self.effective[bucket] = learned
-                self._learned_at[bucket] = at + steps * RECOVER_AFTER
+                self.effective[bucket], self._learned_at[bucket] = now_at
 
     def snapshot(self, now: float, in_flight: int) -> dict[str, object]:
         return {

@@ -56,6 +56,7 @@ class Pool:
         self._ring: list[Account] = []
         self._cursor = 0
         self._listeners: list[StateListener] = []
+        self._learn_listeners: list[StateListener] = []
         self._release_listeners: list[Callable[[], None]] = []
         self._models: frozenset[str] | None = None
         self._capable: dict[tuple[str, frozenset[str]], bool] = {}
@@ -68,12 +69,13 @@ class Pool:
         return self._accounts
 
     def put(self, account: Account) -> None:
-        """Add an account or replace one of the same name, keeping its in-flight count and windows."""
+        """Add an account or replace one of the same name, keeping its in-flight count, windows and learned
+        limits (unless its ``limits_rev`` moved on: an operator told the pool to forget them)."""
         old = self._accounts.get(account.name)
         if old is not None:
             account.in_flight = old.in_flight
             account.streak = old.streak
-            account.limits.carry_over(old.limits)
+            account.limits.carry_over(old.limits, learned=account.limits_rev == old.limits_rev)
         self._accounts[account.name] = account
         self._stale()
         self._freed()
@@ -103,6 +105,10 @@ class Pool:
 
     def on_state_change(self, listener: StateListener) -> None:
         self._listeners.append(listener)
+
+    def on_learn(self, listener: StateListener) -> None:
+        """``listener(account)`` runs when an upstream's 429 has taught the pool one of its limits."""
+        self._learn_listeners.append(listener)
 
     def on_release(self, listener: Callable[[], None]) -> None:
         """``listener()`` runs whenever capacity may have freed (a lease ends, an account returns)."""
@@ -270,7 +276,9 @@ class Pool:
         elif isinstance(error, QuotaExhausted):
             account.exhaust(error.until, error.message)
         elif isinstance(error, RateLimited):
-            account.limits.learn(error.bucket, error.limit, account.in_flight, now)
+            if account.limits.learn(error.bucket, error.limit, account.in_flight, now):
+                for listener in self._learn_listeners:
+                    listener(account)
             if account.state is State.QUOTA_EXHAUSTED:
                 return
             asked = max(error.retry_after, 1.0)  # the upstream's own wait is honoured in full; repeats

@@ -41,7 +41,7 @@ from app.errors import ConfigError
 if TYPE_CHECKING:
     from alembic.config import Config
 
-SCHEMA_HEAD = "0006"
+SCHEMA_HEAD = "0007"
 """The newest migration's revision. ``upgrade`` does not load alembic (~11 MB of the server's
 memory) when the database is at it already; tests/store/test_db.py keeps it equal to the scripts."""
 

@@ -42,6 +42,19 @@ class AccountRow(Base):
     config_rev: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    discovered_models: Mapped[list[str] | None] = mapped_column(JSON)
+    """The model ids the upstream said it serves (``app.discovery``); None: never asked, or its kind does not tell."""
+    models_checked_at: Mapped[float | None] = mapped_column(Float)
+    """When the upstream last told its models."""
+    learned_limits: Mapped[dict[str, dict[str, float]] | None] = mapped_column(JSON)
+    """What the server learned of the limits from the upstream's 429s: bucket → ``{"limit", "at"}``
+    (``app.pool.limits``), written by the server."""
+    limits_rev: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Bumped by ``accounts reset-limits``: a running server forgets what it learned of an account whose
+    ``limits_rev`` changed, and never writes learned limits over a newer ``limits_rev``."""
+    load_error: Mapped[str | None] = mapped_column(Text)
+    """Why the server could not load the account's credential (an ``env:VAR`` unset in its environment, a
+    lapsed token), written by the server; None when it could."""
 
 
 class ClientKeyRow(Base):

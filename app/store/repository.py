@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.accounts_config import AccountSpec, AliasSpec, ConfigFile
 from app.errors import ConfigError
 from app.kimi_auth import check_fresh
+from app.pool.limits import Learned
 from app.redact import redact_optional
 from app.store.models import (
     AccountRow,
@@ -71,7 +72,9 @@ class AccountRepository:
         return row
 
     async def upsert(self, spec: AccountSpec, now: float) -> UpsertResult:
-        """Make the stored account match ``spec`` (import); an update bumps ``config_rev``.
+        """Make the stored account match ``spec`` (import, edit); an update bumps ``config_rev``. A new key or
+        token revives the account's runtime state (a dead key replaced is alive until the upstream says
+        otherwise); with a new base URL too, its models are asked again (``reaches_differently``).
 
         ``enabled = false`` in the file disables the account, and ``true`` undoes only that: an
         account an operator disabled (``set_enabled``) stays disabled, so a re-import or a
@@ -84,12 +87,18 @@ class AccountRepository:
         operator_disabled = not row.enabled and row.disabled_reason != CONFIG_DISABLED_REASON
         if operator_disabled and spec.enabled:
             spec = dataclasses.replace(spec, enabled=False)
-        if self.to_spec(row) == spec:
+        before = self.to_spec(row)
+        if before == spec:
             return "unchanged"
         was_enabled = row.enabled
         _apply_spec(row, spec)
-        if spec.enabled and not was_enabled:
+        new_secret = before.secret != spec.secret
+        if (spec.enabled and not was_enabled) or new_secret:
             _revive(row)
+        if new_secret:
+            row.load_error = None  # the server judges the new credential when it loads it
+        if reaches_differently(before, spec):
+            row.models_checked_at = None  # ask the upstream again what it serves
         _touch(row, now)
         await self._session.flush()
         return "updated"
@@ -146,6 +155,49 @@ class AccountRepository:
         await self._session.flush()
         return row
 
+    async def save_learned_limits(self, name: str, learned: Learned, limits_rev: int) -> bool:
+        """What the server learned of the limits, written by it; leaves ``config_rev`` alone. Nothing is written
+        if ``limits_rev`` is no longer the stored one (``reset_limits`` came in between). True if written."""
+        result = await self._session.execute(
+            update(AccountRow)
+            .where(AccountRow.name == name, AccountRow.limits_rev == limits_rev)
+            .values(learned_limits=learned or None)
+            .execution_options(synchronize_session=False)
+        )
+        return bool(cast(CursorResult[Any], result).rowcount)
+
+    async def reset_limits(self, name: str, now: float) -> Learned:
+        """Forget the limits learned of an account (an operator's ``reset-limits``): a running server, which
+        may hold some it has not written yet, forgets them too when it reloads the account (``limits_rev``).
+        Returns what was stored."""
+        row = await self.get(name)
+        forgotten = dict(row.learned_limits or {})
+        row.learned_limits = None
+        row.limits_rev += 1
+        _touch(row, now)
+        await self._session.flush()
+        return forgotten
+
+    async def set_models(self, name: str, models: Sequence[str], now: float) -> bool:
+        """Store the model ids the upstream says the account serves, and when it said so; leaves ``config_rev``
+        alone (a running server reloads an account whose list changed, ``app.sync``). Returns whether it did."""
+        row = await self.get(name)
+        models = list(dict.fromkeys(models))
+        changed = row.discovered_models != models
+        row.discovered_models, row.models_checked_at = models, now
+        await self._session.flush()
+        return changed
+
+    async def save_load_error(self, name: str, error: str | None) -> bool:
+        """Why the server could not load the account's credential (None: it could); written by the server."""
+        result = await self._session.execute(
+            update(AccountRow)
+            .where(AccountRow.name == name)
+            .values(load_error=redact_optional(error))
+            .execution_options(synchronize_session=False)
+        )
+        return bool(cast(CursorResult[Any], result).rowcount)
+
     async def revisions(self) -> dict[str, int]:
         """name → config_rev: a cheap poll that tells the server which accounts changed."""
         rows = await self._session.execute(select(AccountRow.name, AccountRow.config_rev))
@@ -171,6 +223,12 @@ class AccountRepository:
 
     async def _find(self, name: str) -> AccountRow | None:
         return await self._session.scalar(select(AccountRow).where(AccountRow.name == name))
+
+
+def reaches_differently(before: AccountSpec, after: AccountSpec) -> bool:
+    """Whether the account now reaches its upstream another way (key or token, base URL): its upstream is then
+    asked again which models it serves."""
+    return (before.secret, before.base_url) != (after.secret, after.base_url)
 
 
 def _apply_spec(row: AccountRow, spec: AccountSpec) -> None:

@@ -1,7 +1,7 @@
 """Write-behind: the request path hands records over without ever awaiting the database.
 
-``put_usage``, ``put_session`` and ``put_idempotent`` are plain synchronous appends to in-memory
-buffers. A background task flushes them in one transaction every ``interval`` seconds (on
+``put_usage``, ``put_limits``, ``put_session`` and ``put_idempotent`` are plain synchronous appends to
+in-memory buffers. A background task flushes them in one transaction every ``interval`` seconds (on
 the injected clock), or at once when ``max_batch`` usage records are waiting. A failed flush keeps
 the records and tries again on the next tick; the buffers are bounded (``max_buffer``) and drop
 their oldest entries, with a warning, when the database stays away too long. ``close()`` stops the
@@ -29,10 +29,11 @@ from collections import deque
 from typing import TypeVar
 
 from app.clock import Clock
+from app.pool.limits import Learned
 from app.pool.sessions import Binding
 from app.store.db import Database
 from app.store.records import IdempotentAnswer, UsageRecord
-from app.store.repository import IdempotencyRepository
+from app.store.repository import AccountRepository, IdempotencyRepository
 from app.store.sessions import SessionRepository
 from app.store.usage import UsageRepository
 
@@ -52,6 +53,7 @@ class WriteBehind:
         self._max_batch = max_batch
         self._max_buffer = max_buffer
         self._usage: deque[UsageRecord] = deque()
+        self._limits: dict[str, tuple[int, Learned]] = {}
         self._sessions: dict[str, Binding] = {}
         self._answers: dict[str, IdempotentAnswer] = {}
         self._writing_answers: dict[str, IdempotentAnswer] = {}  # taken by the flush in progress
@@ -72,6 +74,11 @@ class WriteBehind:
         if len(self._usage) >= self._max_batch:
             self._wake.set()
 
+    def put_limits(self, account: str, limits_rev: int, learned: Learned) -> None:
+        """Persist what the pool has learned of an account's limits (the latest wins). It is written only
+        while the stored ``limits_rev`` is still ``limits_rev``: an operator's ``reset-limits`` in between wins."""
+        self._limits[account] = (limits_rev, learned)
+
     def put_session(self, binding: Binding) -> None:
         """Persist a conversation binding as it is now (a copy; the latest per key wins)."""
         self._sessions[binding.key] = dataclasses.replace(binding)
@@ -87,7 +94,7 @@ class WriteBehind:
     @property
     def pending(self) -> int:
         """How many records wait to be written."""
-        return len(self._usage) + len(self._sessions) + len(self._answers)
+        return len(self._usage) + len(self._limits) + len(self._sessions) + len(self._answers)
 
     # --- progress: for tests and operators --------------------------------------------------------
 
@@ -158,14 +165,18 @@ class WriteBehind:
                 self._dropped = 0
             if not self.pending:
                 return False
-            usage, sessions, answers = list(self._usage), self._sessions, self._answers
+            usage, limits, sessions, answers = list(self._usage), self._limits, self._sessions, self._answers
             self._usage.clear()
+            self._limits = {}
             self._sessions = {}
             self._answers = {}
             self._writing_answers = answers
             try:
                 async with self._db.session() as session, session.begin():
                     await UsageRepository(session).add_many(usage)
+                    accounts = AccountRepository(session)
+                    for account, (limits_rev, learned) in limits.items():
+                        await accounts.save_learned_limits(account, learned, limits_rev)
                     await SessionRepository(session).upsert_many(list(sessions.values()))
                     if answers:
                         idempotency = IdempotencyRepository(session)
@@ -173,6 +184,8 @@ class WriteBehind:
                         await idempotency.purge(self._clock.time())
             except BaseException:
                 self._requeue(usage, sessions, answers)
+                for account, entry in limits.items():
+                    self._limits.setdefault(account, entry)
                 raise
             finally:
                 self._writing_answers = {}

@@ -131,4 +131,10 @@ class Upstream(Protocol):
         (``AuthDead``, ``QuotaExhausted``, ``RateLimited``, ``Transient``, …)."""
         ...
 
+    async def models(self, account: Account) -> tuple[str, ...] | None:
+        """The model ids the upstream says this account serves, asked with one request that spends nothing;
+        None when the upstream does not say (the account then serves its configured or default list). Failures
+        raise the classified ``UpstreamError``."""
+        ...
+
     async def close(self) -> None: ...

@@ -252,6 +252,10 @@ class KimiAiChatUpstream:
         slot = self._slot(account)
         await self.nonce(account, rejected=slot.value)
 
+    async def models(self, account: Account) -> tuple[str, ...] | None:
+        """None: the site serves one chat page and lists no models; the configured or default list stands."""
+        return None
+
     async def close(self) -> None:
         for slot in self._slots.values():
             if slot.fetching is not None:

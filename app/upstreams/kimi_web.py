@@ -312,6 +312,11 @@ class KimiWebUpstream:
         """``GetSubscription``: what kimi.com's own client calls to check that a login is valid."""
         await self._unary(account, SUBSCRIPTION_PATH, {})
 
+    async def models(self, account: Account) -> tuple[str, ...] | None:
+        """None: the Connect API does not say which models a login may use (``GetSubscription`` answers the
+        user and a membership level, PROTOCOLS.md §3.5), so the configured or default list stands."""
+        return None
+
     async def drain(self) -> None:
         """Wait for the chat deletions under way."""
         while self._cleanup:

@@ -13,6 +13,7 @@ from typing import Any
 import aiohttp
 import orjson
 
+from app.accounts_config import model_id_ok
 from app.capabilities import FORCED_TOOL
 from app.clock import Clock
 from app.errors import (
@@ -308,6 +309,21 @@ class MoonshotUpstream:
             raise Transient("Moonshot answered with a malformed balance body") from None
         if balance <= 0:
             raise QuotaExhausted(f"out of credit: balance {balance:g}")
+
+    async def models(self, account: Account) -> tuple[str, ...] | None:
+        """``GET /models`` (PROTOCOLS.md 4.4): the ids the key may use, which keep changing upstream."""
+        url = f"{account.spec.effective_base_url()}/models"
+        headers = {"Authorization": f"Bearer {account.secret}", "Accept": "application/json"}
+        raw = await self._read(send(self._session, "GET", url, account.name, headers=headers,
+                                    proxy=account.spec.proxy, timeout=PROBE_TIMEOUT))
+        try:
+            data = orjson.loads(raw)["data"]
+            ids = tuple(dict.fromkeys(entry["id"] for entry in data))
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            raise Transient("Moonshot answered with a malformed model list") from None
+        if not all(isinstance(model, str) and model_id_ok(model) for model in ids):
+            raise Transient("Moonshot's model list has an id kimi-pool cannot use")
+        return ids
 
     async def close(self) -> None:
         return None

@@ -84,7 +84,8 @@ def test_list_empty_and_fresh_file_is_created(cli: Cli) -> None:
     assert cli.accounts() == []
 
 
-def test_disable_enable_remove(cli: Cli) -> None:
+def test_disable_enable_remove(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KIMI_TOKEN", "set-in-this-shell")
     cli.ok("accounts", "add", "w1", "--kind", "kimi-web", "--token", "env:KIMI_TOKEN")
     assert cli.ok("accounts", "disable", "w1", "--reason", "token expired") == "disabled account w1\n"
     [view] = cli.accounts()
@@ -228,7 +229,9 @@ enabled = false
 """
 
 
-def test_import_creates_then_updates_then_leaves_alone(cli: Cli, tmp_path: Path) -> None:
+def test_import_creates_then_updates_then_leaves_alone(cli: Cli, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KP_TEST_KEY_ONE", SECRET)
     path = write(tmp_path, GOOD)
     assert cli.ok("accounts", "import", path) == f"imported {path}: 2 created, 0 updated, 0 unchanged\n"
     assert cli.ok("accounts", "import", path).endswith("0 created, 0 updated, 2 unchanged\n")
@@ -265,9 +268,15 @@ def test_bad_files_are_one_line_and_change_nothing(cli: Cli, tmp_path: Path, tex
     assert cli.accounts() == []
 
 
-def test_import_of_the_example_file(cli: Cli) -> None:
+def test_import_of_the_example_file(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in ("MOONSHOT_API_KEY_MAIN", "KIMI_WEB_TOKEN_ALICE"):
+        monkeypatch.delenv(variable, raising=False)
     example = Path(__file__).resolve().parents[2] / "accounts.example.toml"
-    assert cli.ok("accounts", "import", str(example)).endswith("3 created, 0 updated, 0 unchanged; 1 alias(es)\n")
+    code, out, err = cli("accounts", "import", str(example))
+    assert code == 0 and out.endswith("3 created, 0 updated, 0 unchanged; 1 alias(es)\n")
+    # its secrets are env:VAR references this shell does not have: one warning line each, and the import goes on
+    assert [line.split(":")[2].strip() for line in err.splitlines()] == ["account moonshot-main", "account web-alice"]
+    assert all("env:" in line and "unset environment variable in this shell" in line for line in err.splitlines())
     kinds = {v["kind"] for v in cli.accounts()}
     assert kinds == {"moonshot", "kimi-web", "kimi-ai-chat"}
     models = {v["model"]: v for v in json.loads(cli.ok("models", "list", "--json"))}
@@ -472,7 +481,8 @@ def test_accounts_check_of_an_unreachable_upstream_fails_and_leaves_the_state(cl
     with socket.socket() as closed:  # bound, never listening: connections are refused
         closed.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{closed.getsockname()[1]}/v1"
-        cli.ok("accounts", "add", "gone", "--kind", "moonshot", "--api-key", SECRET, "--base-url", url)
+        cli.ok("accounts", "add", "gone", "--kind", "moonshot", "--api-key", SECRET, "--base-url", url,
+               "--no-discover")
         code, out, err = cli("accounts", "check", "gone")
     assert (code, err) == (1, "")
     assert "unreachable" in out and SECRET not in out

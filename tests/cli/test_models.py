@@ -27,7 +27,7 @@ def kimi_token(expires_in: float) -> str:
 
 
 def test_aliases_are_listed_with_the_accounts_that_serve_them(cli: Cli) -> None:
-    cli.ok("accounts", "add", "m", "--kind", "moonshot", "--api-key", "sk-test-0123456789abcdef")
+    cli.ok("accounts", "add", "m", "--kind", "moonshot", "--api-key", "sk-test-0123456789abcdef", "--no-discover")
     cli.ok("accounts", "add", "c", "--kind", "kimi-ai-chat")
     out = cli.ok("models", "alias", "fast", "--moonshot", "kimi-k2-turbo-preview", "--kimi-ai-chat", "kimi-k2-instruct")
     assert out == "alias fast created: kimi-ai-chat as kimi-k2-instruct, moonshot as kimi-k2-turbo-preview\n"
@@ -40,7 +40,7 @@ def test_aliases_are_listed_with_the_accounts_that_serve_them(cli: Cli) -> None:
 
 
 def test_unalias_removes_an_alias_and_hides_a_builtin_one(cli: Cli) -> None:
-    cli.ok("models", "alias", "fast", "--moonshot", "kimi-k2-turbo-preview")
+    cli("models", "alias", "fast", "--moonshot", "kimi-k2-turbo-preview", "--force")  # no account serves it yet
     assert cli.ok("models", "unalias", "fast") == "removed alias fast\n"
     assert cli.ok("models", "unalias", "kimi-k2") == "removed alias kimi-k2\n"
     names = {v["model"] for v in json.loads(cli.ok("models", "list", "--json"))}
@@ -87,3 +87,36 @@ def test_kind_options_on_the_command_line(cli: Cli) -> None:
     assert options == {"c": {"max_message_chars": 4000}, "web": {"keep_chats": True}}
     assert cli.fails("accounts", "add", "m", "--kind", "moonshot", "--api-key", "sk-test-0123456789abcdef",
                      "--keep-chats") == "account m: option keep_chats is for kimi-web accounts, not moonshot"
+
+
+def test_an_alias_to_a_model_no_account_offers_is_refused_unless_forced(cli: Cli) -> None:
+    cli.ok("accounts", "add", "c", "--kind", "kimi-ai-chat")
+    assert cli.fails("models", "alias", "chat", "--kimi-ai-chat", "kimi-k2-instruct-0999") == (
+        "alias chat: no account serves it (kimi-ai-chat accounts do not offer kimi-k2-instruct-0999); see what is "
+        "served with 'kimi-pool models list', or give --force to keep the alias anyway")
+    assert "chat" not in {v["model"] for v in json.loads(cli.ok("models", "list", "--json"))}
+    assert cli.fails("models", "alias", "web", "--kimi-web", "kimi-k2.6").startswith(
+        "alias web: no account serves it (no kimi-web account)")
+
+    code, out, err = cli("models", "alias", "chat", "--kimi-ai-chat", "kimi-k2-instruct-0999", "--force")
+    assert (code, out) == (0, "alias chat created: kimi-ai-chat as kimi-k2-instruct-0999\n")
+    assert err == ("kimi-pool: warning: alias chat: no account serves it (kimi-ai-chat accounts do not offer "
+                   "kimi-k2-instruct-0999)\n")
+    # served by one kind, stale for another: accepted, with a warning
+    code, out, err = cli("models", "alias", "k2", "--kimi-ai-chat", "kimi-k2-instruct", "--kimi-web", "kimi-k2")
+    assert code == 0 and err == ""
+    assert cli.ok("models", "alias", "k2", "--kimi-ai-chat", "kimi-k2-instruct") == \
+        "alias k2 updated: kimi-ai-chat as kimi-k2-instruct\n"
+
+
+def test_models_list_flags_aliases_no_account_serves(cli: Cli) -> None:
+    cli.ok("accounts", "add", "c", "--kind", "kimi-ai-chat")
+    cli("models", "alias", "chat", "--kimi-ai-chat", "kimi-k2-instruct-0999", "--force")
+    views = {v["model"]: v for v in json.loads(cli.ok("models", "list", "--json"))}
+    assert views["chat"]["warning"] == \
+        "no account serves it (kimi-ai-chat accounts do not offer kimi-k2-instruct-0999)"
+    assert views["kimi-k2"]["warning"] is None, "served by the kimi-ai-chat account; no other kind in the pool"
+    assert views["kimi-k2-thinking"]["warning"] == "no account serves it (no moonshot or kimi-web account)"
+    assert views["kimi-k2-instruct"]["warning"] is None
+    table = cli.ok("models", "list")
+    assert "warning" in table.splitlines()[1] and "no account serves it" in table

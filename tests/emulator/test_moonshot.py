@@ -539,6 +539,19 @@ async def test_models_are_listed_with_their_context_length() -> None:
                        "moonshot-v1-32k", "moonshot-v1-128k"]
 
 
+async def test_the_served_models_change_at_runtime_as_moonshot_retires_and_adds_ids() -> None:
+    async with running() as run:
+        applied = await run.http.post("/__fake/config", json={"models": ["kimi-k3", "kimi-k4:1048576:default_on"]})
+        assert applied.status_code == 200 and applied.json()["models"] == ["kimi-k3", "kimi-k4"]
+        assert [m.id async for m in run.sdk().models.list()] == ["kimi-k3", "kimi-k4"]
+        assert (await run.chat(model="kimi-k4")).status_code == 200
+        assert error(await run.chat(model="kimi-k2.5"))[:2] == (404, "resource_not_found_error")
+        for bad in ({"models": []}, {"models": ["kimi-k9"]}, {"models": "kimi-k3"}, {"models": ["k:1:sometimes"]}):
+            refused = await run.http.post("/__fake/config", json=bad)
+            assert refused.status_code == 400, bad
+        assert [m.id async for m in run.sdk().models.list()] == ["kimi-k3", "kimi-k4"], "refused: nothing changed"
+
+
 async def test_the_balance_is_debited_by_the_tokens_used() -> None:
     async with running(MoonshotEmulatorConfig.simple(1, balance=5.0, price_per_1k_tokens=2.0)) as run:
         await run.chat()

@@ -115,3 +115,32 @@ def test_the_batch_share_of_tokens_counts_everything_charged() -> None:
     lim.charge(T0, 700)  # interactive requests
     assert lim.fits(T0, 200) and not lim.fits_batch(T0, 200, 0.8)
     assert lim.fits_batch(T0, 100, 0.8)
+
+
+def test_what_was_learned_is_stored_and_taken_up_again_as_it_stands() -> None:
+    old = limits(rpm=60)
+    old.learn("rpm", 3, in_flight=1, now=T0)
+    stored = old.learned()
+    assert stored == {"rpm": {"limit": 3, "at": T0}}
+    taken_up = Limits(make_account_spec(name="a", kind="moonshot", secret="sk-secret-value-123", rpm=60), stored)
+    assert taken_up.current(T0) == old.current(T0)
+    assert taken_up.current(T0 + 2 * RECOVER_AFTER)["rpm"] == old.current(T0 + 2 * RECOVER_AFTER)["rpm"] == 5
+    assert Limits(make_account_spec(name="a", kind="moonshot", secret="sk-secret-value-123", rpm=2),
+                  stored).current(T0)["rpm"] == 2, "a configured limit below what was learned wins"
+
+
+def test_an_operator_reset_forgets_what_was_learned_but_keeps_the_windows() -> None:
+    old = limits(rpm=60)
+    old.charge(T0, 10)
+    old.learn("rpm", 3, in_flight=1, now=T0)
+    new = limits(rpm=60)
+    new.carry_over(old, learned=False)
+    assert new.current(T0) == {"concurrency": None, "rpm": 60, "tpm": None, "tpd": None} and new.learned() == {}
+    assert new.rpm.used(T0) == 1, "what was sent still counts"
+
+
+def test_without_a_configured_limit_a_learned_one_is_forgotten_in_the_end() -> None:
+    lim = limits()
+    lim.learn("rpm", 3, in_flight=1, now=T0)
+    assert lim.current(T0 + 100 * RECOVER_AFTER)["rpm"] == 103_249, "a tenth more every 5 minutes"
+    assert lim.current(T0 + 60 * DAY)["rpm"] is None and lim.learned() == {}, "not a number too large to hold"

@@ -10,9 +10,11 @@ import orjson
 import pytest
 from starlette.applications import Starlette
 from starlette.requests import Request
-from starlette.responses import StreamingResponse
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
+from app.accounts_config import make_account_spec
+from app.clock import ManualClock
 from app.errors import (
     AuthDead,
     QuotaExhausted,
@@ -22,7 +24,8 @@ from app.errors import (
     UpstreamError,
     UpstreamOverloaded,
 )
-from app.upstreams.moonshot import classify, sanitize_messages
+from app.pool.account import Account
+from app.upstreams.moonshot import MoonshotUpstream, classify, sanitize_messages
 from tests.conftest import run_stack, serve
 
 NOW = 1_760_000_000.0  # 2025-10-09 08:53:20 UTC
@@ -201,3 +204,31 @@ async def test_reasoning_content_of_earlier_tool_turns_reaches_moonshot_untouche
         history[1].pop("reasoning_content")
         with pytest.raises(openai.BadRequestError, match="reasoning_content"):
             await client.chat.completions.create(model="kimi-k2.6", messages=history, tools=WEATHER)
+
+
+async def test_the_model_list_is_read_from_the_upstream_and_its_failures_are_classified() -> None:
+    """``models`` against a peer answering ``GET /v1/models`` as told: a list, a dead key, a body that is no list."""
+    answers = {
+        "sk-good": (200, orjson.dumps({"object": "list", "data": [{"id": "kimi-k3"}, {"id": "kimi-k4"},
+                                                                 {"id": "kimi-k3"}]})),
+        "sk-dead": (401, body("invalid_authentication_error", "Invalid Authentication")),
+        "sk-odd": (200, b'{"data": {"id": "kimi-k3"}}'),
+        "sk-spaces": (200, orjson.dumps({"data": [{"id": "kimi k3"}]})),
+    }
+
+    async def models(request: Request) -> Response:
+        status, raw = answers[request.headers["authorization"].removeprefix("Bearer ")]
+        return Response(raw, status_code=status, media_type="application/json")
+
+    async with serve(Starlette(routes=[Route("/v1/models", models)])) as url, aiohttp.ClientSession() as session:
+        adapter = MoonshotUpstream(session, ManualClock())
+
+        def account(key: str) -> Account:
+            return Account(make_account_spec(name="a", kind="moonshot", secret=key, base_url=url + "/v1"), key)
+
+        assert await adapter.models(account("sk-good")) == ("kimi-k3", "kimi-k4")
+        with pytest.raises(AuthDead):
+            await adapter.models(account("sk-dead"))
+        for odd in ("sk-odd", "sk-spaces"):
+            with pytest.raises(Transient, match="model list"):
+                await adapter.models(account(odd))

@@ -10,7 +10,14 @@ from starlette.datastructures import Headers
 from starlette.routing import Mount, Route, Router
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from app.api.admin.accounts import Account, Accounts, disable_account, enable_account, probe_account
+from app.api.admin.accounts import (
+    Account,
+    Accounts,
+    disable_account,
+    enable_account,
+    probe_account,
+    reset_limits,
+)
 from app.api.admin.activity import list_events, usage_report
 from app.api.admin.base import Admin, authorize
 from app.api.admin.keys import Keys, revoke_key
@@ -42,6 +49,7 @@ def admin_routes() -> Mount:
         Route("/accounts/{name}/disable", disable_account, methods=["POST"]),
         Route("/accounts/{name}/enable", enable_account, methods=["POST"]),
         Route("/accounts/{name}/probe", probe_account, methods=["POST"]),
+        Route("/accounts/{name}/reset-limits", reset_limits, methods=["POST"]),
         Route("/keys", Keys),
         Route("/keys/{name}", revoke_key, methods=["DELETE"]),
         Route("/models", list_catalogue, methods=["GET"]),

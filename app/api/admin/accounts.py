@@ -1,10 +1,10 @@
-"""``/admin/accounts``: what ``kimi-pool accounts add/list/disable/enable/remove/check`` do, over HTTP.
+"""``/admin/accounts``: what ``kimi-pool accounts add/list/edit/disable/enable/reset-limits/remove/check`` do,
+over HTTP.
 
-A body has the fields of an ``[[accounts]]`` table of accounts.toml and is checked by the same
-``make_account_spec`` (so a mistake gets the CLI's message, with ``param`` naming the field); a
-kimi-web token that has lapsed is refused. ``null`` means a field's default (no limit, the kind's
-models and base URL, weight 1, an option unset). Accounts are shown as ``accounts list --json``
-shows them: secrets masked.
+A body has the fields of an ``[[accounts]]`` table of accounts.toml and is checked as the CLI checks it
+(``app.account_changes``: a mistake gets the CLI's message, with ``param`` naming the field); a kimi-web token
+that has lapsed is refused. ``null`` means a field's default (no limit, the kind's models and base URL,
+weight 1, an option unset). Accounts are shown as ``accounts list --json`` shows them: secrets masked.
 """
 
 from __future__ import annotations
@@ -18,92 +18,80 @@ from starlette.endpoints import HTTPEndpoint
 from starlette.requests import Request
 from starlette.responses import Response
 
-from app.accounts_config import OPTION_KEYS, AccountSpec, make_account_spec
-from app.api.admin.base import admin_of, find_account, json_body, listing, reply, text
+from app.account_changes import ACCOUNT_FIELDS, DEFAULTS, changed, merged, secret_field, validated
+from app.api.admin.base import Admin, admin_of, find_account, json_body, listing, reply, text
 from app.errors import ConfigError, Conflict
-from app.kimi_auth import check_fresh
 from app.probe import probe_accounts
-from app.store.repository import AccountRepository
-from app.views import OPERATOR_REASON, account_view
+from app.store.repository import AccountRepository, reaches_differently
+from app.views import OPERATOR_REASON, account_view, learned_text
 
 log = logging.getLogger("kimi_pool.admin")
-
-SECRET_FIELDS = ("api_key", "token", "secret")
-ACCOUNT_FIELDS = ("name", "kind", *SECRET_FIELDS, "base_url", "models", "rpm", "tpm", "tpd", "concurrency", "weight",
-                  "proxy", "enabled", *OPTION_KEYS)
-_DEFAULTS: dict[str, Any] = {"name": None, "kind": None, "secret": None, "base_url": None, "models": [], "rpm": None,
-                             "tpm": None, "tpd": None, "concurrency": None, "weight": 1.0, "proxy": None,
-                             "enabled": True}
-_SECRET_FIELD_OF_KIND = {"moonshot": "api_key", "kimi-web": "token"}
 
 
 class Accounts(HTTPEndpoint):
     async def get(self, request: Request) -> Response:
         """Every account, as ``accounts list --json`` shows it."""
 
-        async def views(session: AsyncSession, _now: float) -> list[dict[str, Any]]:
-            return [account_view(row) for row in await AccountRepository(session).list()]
+        async def views(session: AsyncSession, now: float) -> list[dict[str, Any]]:
+            return [account_view(row, now) for row in await AccountRepository(session).list()]
 
         return listing(await admin_of(request).read(views))
 
     async def post(self, request: Request) -> Response:
-        """Add an account (201); it serves traffic when the response arrives."""
+        """Add an account (201); it serves traffic, with the models its upstream says it serves, when the
+        response arrives."""
         admin = admin_of(request)
         body = await json_body(request, ACCOUNT_FIELDS)
         for required in ("name", "kind"):
             if body.get(required) is None:
                 raise ConfigError("'name' and 'kind' are required", param=required)
-        secret_field = _secret_field(body)
-        spec = _validated(_merged(_DEFAULTS, body), secret_field, admin.gateway.clock.time(), check_token=True)
+        spec = validated(merged(DEFAULTS, body), secret_field(body), admin.gateway.clock.time(), check_token=True)
 
-        async def add(session: AsyncSession, now: float) -> dict[str, Any]:
+        async def add(session: AsyncSession, now: float) -> None:
             repo = AccountRepository(session)
             if await _exists(repo, spec.name):
                 raise Conflict(f"an account named {spec.name} already exists", param="name")
-            row = await repo.add(dataclasses.replace(spec, enabled=True), now)
+            await repo.add(dataclasses.replace(spec, enabled=True), now)
             if not spec.enabled:
-                row = await repo.set_enabled(spec.name, False, OPERATOR_REASON, now)
-            return account_view(row)
+                await repo.set_enabled(spec.name, False, OPERATOR_REASON, now)
 
-        view = await admin.write(add)
+        await admin.write(add)
         log.info("admin: added account %s (%s%s)", spec.name, spec.kind, "" if spec.enabled else ", disabled")
-        return reply(view, 201)
+        return reply(await _discovered(admin, spec.name), 201)
 
 
 class Account(HTTPEndpoint):
     async def get(self, request: Request) -> Response:
         name = request.path_params["name"]
 
-        async def view(session: AsyncSession, _now: float) -> dict[str, Any]:
-            return account_view(await find_account(session, name))
+        async def view(session: AsyncSession, now: float) -> dict[str, Any]:
+            return account_view(await find_account(session, name), now)
 
         return reply(await admin_of(request).read(view))
 
     async def patch(self, request: Request) -> Response:
         """Change any fields; the account as it is then is checked as a whole. ``enabled`` works as
-        ``/disable`` and ``/enable`` do (enabling also revives a dead or cooling account)."""
+        ``/disable`` and ``/enable`` do (enabling also revives a dead or cooling account). A new key or token
+        revives it too; with a new key, token or base URL its upstream is asked again which models it serves."""
         admin = admin_of(request)
         name = request.path_params["name"]
         body = await json_body(request, ACCOUNT_FIELDS)
-        if "name" in body and body["name"] != name:
-            raise ConfigError(f"account {name} cannot be renamed: add it under the new name and remove this one",
-                              param="name")
-        secret_field = _secret_field(body)
 
-        async def change(session: AsyncSession, now: float) -> dict[str, Any]:
+        async def change(session: AsyncSession, now: float) -> bool:
             repo = AccountRepository(session)
             row = await find_account(session, name)
-            was_enabled = row.enabled
-            table = _merged(_table(repo.to_spec(row)), body)
-            spec = _validated(table, secret_field, now, check_token=secret_field is not None or "kind" in body)
+            was_enabled, before = row.enabled, repo.to_spec(row)
+            spec = changed(before, body, now)
             await repo.upsert(dataclasses.replace(spec, enabled=was_enabled), now)
             if spec.enabled != was_enabled:
                 await repo.set_enabled(name, spec.enabled, None if spec.enabled else OPERATOR_REASON, now)
-            return account_view(row)
+            return reaches_differently(before, spec)
 
-        view = await admin.write(change, scrub=secret_field is not None or "proxy" in body)
+        moved = await admin.write(change, scrub=secret_field(body) is not None or "proxy" in body)
         log.info("admin: changed account %s (%s)", name, ", ".join(sorted(body)) or "nothing")
-        return reply(view)
+        if moved:
+            return reply(await _discovered(admin, name))
+        return reply(await admin.read(lambda session, now: _view(session, name, now)))
 
     async def delete(self, request: Request) -> Response:
         """Remove an account; its usage history is kept."""
@@ -136,12 +124,31 @@ async def enable_account(request: Request) -> Response:
     return reply(view)
 
 
+async def reset_limits(request: Request) -> Response:
+    """Forget the limits learned from the upstream's 429s (``accounts reset-limits NAME``): the configured ones
+    hold again as the response arrives. Answers the account, with ``forgotten``: what was learned."""
+    admin = admin_of(request)
+    name = request.path_params["name"]
+    await json_body(request, (), optional=True)
+
+    async def reset(session: AsyncSession, now: float) -> dict[str, Any]:
+        await find_account(session, name)
+        return await AccountRepository(session).reset_limits(name, now)
+
+    forgotten = await admin.write(reset)
+    log.info("admin: reset the learned limits of account %s (%s)", name, learned_text(forgotten) or "none")
+    view = await admin.read(lambda session, now: _view(session, name, now))
+    return reply({**view, "forgotten": forgotten})
+
+
 async def probe_account(request: Request) -> Response:
-    """One free upstream request (``accounts check NAME``); its verdict becomes the account's state."""
+    """One free upstream request (``accounts check NAME``); its verdict becomes the account's state. A working
+    account's upstream is also asked which models it serves."""
     admin = admin_of(request)
     name = request.path_params["name"]
     await json_body(request, (), optional=True)
     await admin.read(lambda session, _now: find_account(session, name))
+    await admin.writer.flush()  # the verdict's reload must not bring back an older state than the pool's
     [result] = await probe_accounts(admin.db, admin.registry, admin.gateway.clock, [name])
     await admin.reload()
     log.info("admin: probed account %s: %s -> %s (%s)", name, result.before, result.after, result.outcome)
@@ -151,9 +158,21 @@ async def probe_account(request: Request) -> Response:
 async def _set_enabled(request: Request, name: str, enabled: bool, reason: str | None) -> dict[str, Any]:
     async def change(session: AsyncSession, now: float) -> dict[str, Any]:
         await find_account(session, name)
-        return account_view(await AccountRepository(session).set_enabled(name, enabled, reason, now))
+        return account_view(await AccountRepository(session).set_enabled(name, enabled, reason, now), now)
 
     return await admin_of(request).write(change)
+
+
+async def _discovered(admin: Admin, name: str) -> dict[str, Any]:
+    """Ask the account's upstream which models it serves (stored, and the pool reloaded, if it says); then the
+    account's view, with ``discovery_error`` when it could not be asked."""
+    [found] = await admin.discovery.refresh([name])
+    view = await admin.read(lambda session, now: _view(session, name, now))
+    return {**view, "discovery_error": found.error} if found.error else view
+
+
+async def _view(session: AsyncSession, name: str, now: float) -> dict[str, Any]:
+    return account_view(await find_account(session, name), now)
 
 
 async def _exists(repo: AccountRepository, name: str) -> bool:
@@ -162,57 +181,3 @@ async def _exists(repo: AccountRepository, name: str) -> bool:
     except ConfigError:
         return False
     return True
-
-
-def _secret_field(body: dict[str, Any]) -> str | None:
-    given = [field for field in SECRET_FIELDS if field in body]
-    if len(given) > 1:
-        raise ConfigError(f"give only one of {', '.join(SECRET_FIELDS)}", param=given[1])
-    return given[0] if given else None
-
-
-def _table(spec: AccountSpec) -> dict[str, Any]:
-    """A stored account as the fields of a request body (the secret under ``secret``, options apart)."""
-    return {"name": spec.name, "kind": spec.kind, "secret": spec.secret, "base_url": spec.base_url,
-            "models": list(spec.models), "rpm": spec.rpm, "tpm": spec.tpm, "tpd": spec.tpd,
-            "concurrency": spec.concurrency, "weight": spec.weight, "proxy": spec.proxy, "enabled": spec.enabled,
-            "options": dict(spec.extra)}
-
-
-def _merged(table: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
-    """``table`` with the body's fields over it; ``null`` puts a field back to its default."""
-    merged = {**table, "options": dict(table.get("options", {}))}
-    for field, value in body.items():
-        if field in SECRET_FIELDS:
-            merged["secret"] = value
-        elif field in OPTION_KEYS:
-            if value is None:
-                merged["options"].pop(field, None)
-            else:
-                merged["options"][field] = value
-        else:
-            merged[field] = _DEFAULTS[field] if value is None else value
-    return merged
-
-
-def _validated(table: dict[str, Any], secret_field: str | None, now: float, *, check_token: bool) -> AccountSpec:
-    """The CLI's checks (``make_account_spec``, then a kimi-web token's expiry), errors naming the body's field."""
-    field = secret_field or _SECRET_FIELD_OF_KIND.get(str(table["kind"]), "secret")
-    try:
-        spec = make_account_spec(
-            name=table["name"], kind=table["kind"], secret=table["secret"], base_url=table["base_url"],
-            models=table["models"], rpm=table["rpm"], tpm=table["tpm"], tpd=table["tpd"],
-            concurrency=table["concurrency"], weight=table["weight"], proxy=table["proxy"],
-            enabled=table["enabled"], options=table["options"],
-        )
-    except ConfigError as exc:
-        if exc.param == "secret":
-            exc.param = field
-        raise
-    if check_token and spec.kind == "kimi-web" and spec.secret and not spec.secret.startswith("env:"):
-        try:
-            check_fresh(spec.secret, now, spec.name)
-        except ConfigError as exc:
-            exc.param = field
-            raise
-    return spec

@@ -22,6 +22,7 @@ from starlette.responses import Response
 from app.api.body import read_body
 from app.api.openai.schema import parse_json
 from app.api.state import Gateway
+from app.discovery import ModelDiscovery
 from app.errors import ConfigError, InvalidRequest, NotFound, PermissionDenied
 from app.store.db import Database
 from app.store.models import AccountRow
@@ -50,6 +51,7 @@ class Admin:
     states: StateWriter
     reload: Callable[[], Awaitable[None]]
     """Reload the pool, the client keys and every worker from the database (``main``)."""
+    discovery: ModelDiscovery
 
     async def read(self, work: Work[_T]) -> _T:
         """Run ``work(session, now)`` on the database, after writing out what the server has queued."""

@@ -2,7 +2,9 @@
 
 ``PUT /admin/models/{alias}`` takes the upstream model id per account kind,
 ``{"moonshot": "…", "kimi-web": "…", "kimi-ai-chat": "…"}`` (at least one); ``/v1/models`` shows
-the change as soon as the response arrives. Deleting a built-in alias hides it.
+the change as soon as the response arrives. An alias no account would serve is refused (400) unless the
+body says ``"force": true``; the entry's ``warning`` says what is wrong with one. Deleting a built-in alias
+hides it.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from app.api.admin.base import admin_of, json_body, listing, reply
 from app.catalogue import BUILTIN_ALIASES
 from app.errors import ConfigError, NotFound
 from app.store.repository import AliasRepository, UpsertResult
-from app.views import catalogue_view
+from app.views import catalogue_view, unserved_alias
 
 log = logging.getLogger("kimi_pool.admin")
 
@@ -43,13 +45,17 @@ class Alias(HTTPEndpoint):
     async def put(self, request: Request) -> Response:
         """Create (201) or replace (200) an alias; answers with its catalogue entry."""
         name = request.path_params["alias"]
-        body = await json_body(request, ACCOUNT_KINDS)
+        body = await json_body(request, (*ACCOUNT_KINDS, "force"))
+        force = body.pop("force", False)
+        if not isinstance(force, bool):
+            raise ConfigError("'force' must be true or false", param="force")
         targets = {kind: model for kind, model in body.items() if model is not None}
         if not targets:
             raise ConfigError(f"give at least one of {', '.join(ACCOUNT_KINDS)}")
         alias = make_alias(name, targets)
 
         async def put(session: AsyncSession, now: float) -> tuple[UpsertResult, dict[str, Any]]:
+            await unserved_alias(session, alias, force=force, flag='"force": true')
             result = await AliasRepository(session).put(alias, now)
             entry = next(entry for entry in await catalogue_view(session) if entry["model"] == name)
             return result, entry

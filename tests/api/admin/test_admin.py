@@ -219,7 +219,8 @@ async def test_probe_of_a_good_and_a_bad_key(stack: Stack, admin: httpx.AsyncCli
     assert (await ok(await admin.get("/accounts/revoked")))["state"] == "auth_dead"
 
     good = await ok(await admin.post("/accounts/acct-1/probe"))
-    assert (good["before"], good["after"], good["outcome"], good["detail"]) == ("active", "active", "ok", "ok")
+    assert (good["before"], good["after"], good["outcome"]) == ("active", "active", "ok")
+    assert good["detail"] == f"ok; serves {len(good['models'])} model(s)" and "kimi-k3" in good["models"]
     assert stack.emulator.snapshot()["totals"]["requests"] == 0, "probing spends no chat request"
     assert_error(await admin.post("/accounts/nope/probe"), 404, "invalid_request_error", code="not_found")
 
@@ -371,7 +372,7 @@ async def test_aliases_reach_v1_models_at_once(stack: Stack, admin: httpx.AsyncC
     entry = await ok(put, 201)
     assert entry == {"model": "team/fast", "alias": {"moonshot": "kimi-k2-turbo-preview"},
                      "accounts": ["acct-1 as kimi-k2-turbo-preview", "acct-2 as kimi-k2-turbo-preview"],
-                     "result": "created"}
+                     "warning": None, "result": "created"}
     assert "team/fast" in await served()
     assert await ok(await admin.get("/models/team/fast")) == {k: v for k, v in entry.items() if k != "result"}
     assert await served_by(stack, model="team/fast") in ("acct-1", "acct-2")
