@@ -127,10 +127,11 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         sessions.on_change(writer.put_session)
         observer, metrics_registry = Metrics.registry(pool, admission, clock)
         leases = PoolLeases(pool, admission, sessions, clock)
+        access_log = AccessLog()
         dispatcher = Dispatcher(leases, registry, writer, clock,
                                 failover_deadline=settings.failover_deadline,
                                 default_max_tokens=settings.default_max_tokens,
-                                observers=(observer, AccessLog()), shutdown=shutdown)
+                                observers=(observer, access_log), shutdown=shutdown)
         app.state.gateway = gateway = Gateway(settings, clock, auth, pool, admission, sessions, dispatcher,
                                               clock.time(), metrics_registry)
         idempotency = Idempotency(db, writer, clock, ttl=settings.idempotency_ttl)
@@ -164,6 +165,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
             await session.close()
             await writer.close()
             await db.dispose()
+            access_log.flush()
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),

@@ -26,6 +26,7 @@ from uvicorn.config import LOGGING_CONFIG
 from app.accounts_config import load_accounts_toml
 from app.config import Settings
 from app.errors import ConfigError
+from app.log_buffer import BufferedHandler, TextFormatter
 from app.logs import JsonFormatter
 from app.main import create_app
 from app.netguard import NetLimits, connection_cap, http_protocol, raise_open_files_limit
@@ -43,9 +44,10 @@ bound values at DEBUG, account secrets included."""
 
 def configure_logging(level: str, log_format: str, stream: TextIO | None = None) -> None:
     """Send every log record (kimi-pool's, uvicorn's, the libraries') to ``stream`` (stderr) through one
-    handler on the root logger: ``text`` lines, or one JSON object per line."""
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler on the root logger: ``text`` lines, or one JSON object per line. Requests' lines are written
+    in batches (``app.log_buffer``)."""
+    handler = BufferedHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))

@@ -98,10 +98,11 @@ def create_worker_app(settings: Settings, *, runtime: str, index: int, clock: Cl
         await link.connect(os.path.join(runtime, LEASES_SOCKET))
         session = create_session(settings, connector=transport)
         registry = Registry.default(session, clock)
+        access_log = AccessLog(worker=index)
         dispatcher = Dispatcher(RemoteLeases(link, accounts, sync.load), registry, NoUsage(), clock,
                                 failover_deadline=settings.failover_deadline,
                                 default_max_tokens=settings.default_max_tokens,
-                                observers=(AccessLog(worker=index), RemoteObserver(link)), shutdown=shutdown)
+                                observers=(access_log, RemoteObserver(link)), shutdown=shutdown)
         forward = Forwarder(os.path.join(runtime, HTTP_SOCKET))
         forward.start()
         app.state.chat = ChatCompletions(settings, clock, auth, dispatcher, ids, None, shutdown)
@@ -117,6 +118,7 @@ def create_worker_app(settings: Settings, *, runtime: str, index: int, clock: Cl
             await forward.close()
             link.close()  # sends what is queued (the last usage records) first
             await db.dispose()
+            access_log.flush()
 
     return WorkerFront(Starlette(lifespan=lifespan), auth, ids, shutdown)
 
