@@ -295,3 +295,7 @@ class ConfigError(KimiPoolError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_config"
+
+
+class NoDatabase(ConfigError):
+    """A command found no database where it looked (only ``serve`` and ``db upgrade`` create one)."""
