@@ -12,15 +12,13 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import aiohttp
-import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import Route
 
+from app.account_log import AccountLog
 from app.accounts_config import load_accounts_toml
 from app.api.admin import Admin, admin_routes
 from app.api.admin.dashboard import Dashboard
@@ -28,6 +26,7 @@ from app.api.auth import Authenticator
 from app.api.errors import RequestIdMiddleware, handle_http_exception, handle_kimi_pool_error
 from app.api.exchange import EXPOSED_HEADERS
 from app.api.front import HOT_PATHS, FrontDoor, HotRoute
+from app.api.health import healthz, readyz
 from app.api.ids import Ids
 from app.api.metrics import metrics
 from app.api.openai.batches import batch_routes
@@ -52,6 +51,7 @@ from app.pool.scheduler import Pool
 from app.pool.sessions import SessionTable
 from app.sealing import KEY_NAME, Sealer
 from app.shutdown import Shutdown
+from app.startup import log_summary
 from app.store.db import Database
 from app.store.repository import import_config
 from app.store.secrets import server_secret
@@ -65,18 +65,6 @@ if TYPE_CHECKING:
     from app.workers.supervisor import Workers
 
 log = logging.getLogger("kimi_pool")
-
-
-async def healthz(request: Request) -> Response:
-    gateway: Gateway = request.app.state.gateway
-    states: dict[str, int] = {}
-    for account in gateway.pool.accounts.values():
-        states[account.state.value] = states.get(account.state.value, 0) + 1
-    body: dict[str, object] = {"status": "ok", "accounts": states}
-    workers: Workers | None = getattr(request.app.state, "workers", None)
-    if workers is not None:
-        body["workers"] = workers.status
-    return Response(orjson.dumps(body), media_type="application/json")
 
 
 async def import_accounts(db: Database, settings: Settings, clock: Clock) -> None:
@@ -116,10 +104,12 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
                 writer.put_state(account.name, account.state, account.until, account.reason)
 
         pool.on_state_change(persist)
+        pool.on_state_change(AccountLog(clock))
         session = create_session(settings, connector=transport)
         registry = Registry.default(session, clock)
         sync = AccountSync(db, pool, auth, clock)
         await sync.load()
+        log_summary(settings, db.where, pool, auth)
         admission = Admission(pool, clock, max_queue=settings.max_queue)
         sessions = SessionTable(ttl=settings.session_ttl)
         async with db.session() as db_session:
@@ -169,6 +159,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/v1/pool/status", pool_status, methods=["GET"]),

@@ -19,6 +19,7 @@ from app.errors import ConfigError
 from app.kimi_auth import check_fresh, read_token
 from app.pool.account import Account, State
 from app.pool.scheduler import Pool
+from app.redact import redact
 from app.store.db import Database
 from app.store.models import AccountRow
 from app.store.repository import AccountRepository, AliasRepository, ClientKeyRepository
@@ -88,9 +89,11 @@ class AccountSync:
             seen.add(row.name)
             current = self._pool.accounts.get(row.name)
             if current is None or current.rev != row.config_rev or rebuild:
-                self._pool.put(account_from_row(row, catalogue, now))
+                account = account_from_row(row, catalogue, now)
+                self._pool.put(account)
                 if not self._quiet:
-                    log.info("account %s loaded (rev %d)", row.name, row.config_rev)
+                    log.info("account %s loaded (rev %d): %s%s", row.name, row.config_rev, account.state.value,
+                             f" ({redact(account.reason)})" if account.reason else "")
             if row.kind == "kimi-web" and not self._quiet:
                 self._warn_lapsing(row, now)
         for name in set(self._pool.accounts) - seen:
@@ -115,6 +118,9 @@ class AccountSync:
             log.warning("account %s: its kimi.com login token %s; log in again and update it "
                         "(kimi-pool accounts add/import)", row.name,
                         "has expired" if info.expired(now) else f"expires {info.describe(now)}")
+        elif not info.lapses_soon(now) and self._warned.pop(row.name, None) is not None:
+            log.info("account %s: its kimi.com login token was replaced; the new one expires %s", row.name,
+                     info.describe(now))
 
     async def wait_generation(self, generation: int) -> None:
         """Return once the pool has been reloaded at least ``generation`` times."""

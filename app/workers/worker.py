@@ -143,12 +143,13 @@ def settings_from_json(fields: dict[str, Any]) -> Settings:
 
 def main() -> None:
     from app.netguard import http_protocol
-    from app.serve import Server, configure_logging, net_limits, server_config
+    from app.serve import Server, configure_logging, net_limits, quiet_stop_signals, server_config, set_title
 
+    quiet_stop_signals()  # exit 0 after uvicorn's clean shutdown
     spec = orjson.loads(sys.stdin.buffer.read())
+    set_title(f"kimi-pool worker {spec['index']}")
     settings = settings_from_json(spec["settings"])
     configure_logging(settings.log_level, settings.log_format)
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)  # exit 0 after uvicorn's clean shutdown
     listener = socket.socket(fileno=int(spec["fd"]))
     shutdown = Shutdown()
     app = create_worker_app(settings, runtime=spec["runtime"], index=int(spec["index"]), shutdown=shutdown)
