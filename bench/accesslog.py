@@ -2,12 +2,13 @@
 
 ``kimi-pool serve`` at its default log level (``info``: one access line per request) against the
 same server at ``--log-level warning`` (no access line), side by side: the Moonshot emulator (4 keys,
-no limits) and the load generator on CPU 0, the server alone on CPU 1, its stderr a pipe read by this
-process (as a terminal or journald would). Keep-alive clients send non-streaming chat completions;
-the server's user + system CPU time comes from /proc. Rounds alternate the configurations, so the
-noise of this shared machine falls on each alike.
+no limits) and the load generator on CPU 0; one server per configuration, all on CPU 1 and loaded at
+the same time, so whatever else this shared machine does falls on each alike; each server's stderr
+a pipe read by this process (as a terminal or journald would). Keep-alive clients send non-streaming
+chat completions; each server's user + system CPU time comes from /proc. ``over_quiet`` is the
+median over rounds of a configuration's CPU per request over the quiet one's in the same round.
 
-    python -m bench.accesslog [--rounds 4] [--connections 16] [--requests 1500] [--configs info,warning,json]
+    python -m bench.accesslog [--rounds 5] [--connections 8] [--requests 1000] [--configs info,warning,json]
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -71,21 +72,25 @@ async def client(port: int, requests: int) -> int:
     return bad
 
 
-def run_load(port: int, connections: int, requests: int) -> int:
+def run_load(ports: list[int], connections: int, requests: int) -> list[int]:
+    """``connections`` clients on each port at once, ``requests`` each; the failures per port."""
     async def clients() -> list[int]:
-        return await asyncio.wait_for(asyncio.gather(*(client(port, requests) for _ in range(connections))), 600)
+        per_port = [asyncio.gather(*(client(port, requests) for _ in range(connections))) for port in ports]
+        return [sum(bad) for bad in await asyncio.wait_for(asyncio.gather(*per_port), 900)]
 
-    return sum(asyncio.run(clients()))
+    return asyncio.run(clients())
 
 
-def load(port: int, connections: int, requests: int) -> int:
-    """The load, from a child process on CPU 0 (beside the emulator); the number of failed requests."""
-    code = "import sys; from bench.accesslog import run_load; print(run_load(*map(int, sys.argv[1:])))"
-    out = subprocess.run([*taskset("0"), sys.executable, "-c", code, str(port), str(connections), str(requests)],
-                         capture_output=True, text=True, cwd=ROOT)
+def load(ports: list[int], connections: int, requests: int) -> list[int]:
+    """The load, from a child process on CPU 0 (beside the emulator); the failed requests per port."""
+    code = ("import sys, json; from bench.accesslog import run_load; "
+            "print(json.dumps(run_load(json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]))))")
+    out = subprocess.run([*taskset("0"), sys.executable, "-c", code, json.dumps(ports), str(connections),
+                          str(requests)], capture_output=True, text=True, cwd=ROOT)
     if out.returncode != 0:
         raise SystemExit(f"the load generator failed: {out.stderr.strip()}")
-    return int(out.stdout.strip() or 0)
+    failed: list[int] = json.loads(out.stdout)
+    return failed
 
 
 def wait_listening(port: int, process: subprocess.Popen[bytes]) -> None:
@@ -127,30 +132,38 @@ def started(cmd: list[str], *, cpu: str, env: dict[str, str] | None = None) -> I
         process.lines = lines[0]  # type: ignore[attr-defined]
 
 
-def one_round(config: str, emulator_port: int, work: Path, connections: int, requests: int) -> dict[str, float]:
-    port = free_port()
+def one_round(configs: list[str], emulator_port: int, work: Path, connections: int,
+              requests: int) -> dict[str, dict[str, float]]:
+    """One server per configuration, all on CPU 1 and loaded at the same time (so whatever else the
+    machine does falls on each alike); each one's CPU time per request."""
     toml = work / "accounts.toml"
     toml.write_text("".join(f'[[accounts]]\nname = "emu-{i}"\nkind = "moonshot"\napi_key = "{key}"\n'
                             f'base_url = "http://127.0.0.1:{emulator_port}/v1"\n\n' for i, key in enumerate(KEYS, 1)))
-    db = f"sqlite+aiosqlite:///{work}/{config}-{port}.db"
-    cmd = [sys.executable, "-m", "app", "--db", db, "serve", "--port", str(port), "--accounts", str(toml),
-           *CONFIGS[config]]
-    with started(cmd, cpu="1", env={"KIMI_POOL_MASTER_KEY": MASTER}) as server:
-        wait_listening(port, server)
-        load(port, 4, 100)  # warm up
-        before = cpu_seconds(server.pid)
-        bad = load(port, connections, requests)
-        used = cpu_seconds(server.pid) - before
+    ports = [free_port() for _ in configs]
+    with ExitStack() as stack:
+        servers = []
+        for config, port in zip(configs, ports, strict=True):
+            db = f"sqlite+aiosqlite:///{work}/{config}-{port}.db"
+            cmd = [sys.executable, "-m", "app", "--db", db, "serve", "--port", str(port), "--accounts", str(toml),
+                   *CONFIGS[config]]
+            servers.append(stack.enter_context(started(cmd, cpu="1", env={"KIMI_POOL_MASTER_KEY": MASTER})))
+        for port, server in zip(ports, servers, strict=True):
+            wait_listening(port, server)
+        load(ports, 4, 100)  # warm up
+        before = [cpu_seconds(server.pid) for server in servers]
+        failed = load(ports, connections, requests)
+        used = [cpu_seconds(server.pid) - was for server, was in zip(servers, before, strict=True)]
     total = connections * requests
-    return {"cpu_us_per_request": used / total * 1e6, "requests": total, "failed": bad,
-            "log_lines": server.lines}  # type: ignore[attr-defined]
+    return {config: {"cpu_us_per_request": cpu / total * 1e6, "requests": total, "failed": bad,
+                     "log_lines": server.lines}  # type: ignore[attr-defined]
+            for config, cpu, bad, server in zip(configs, used, failed, servers, strict=True)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--connections", type=int, default=16)
-    parser.add_argument("--requests", type=int, default=1500)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--connections", type=int, default=8, help="per server")
+    parser.add_argument("--requests", type=int, default=1000, help="per connection")
     parser.add_argument("--configs", default="info,warning")
     args = parser.parse_args()
     configs = args.configs.split(",")
@@ -160,20 +173,22 @@ def main() -> None:
     runs: dict[str, list[dict[str, float]]] = {config: [] for config in configs}
     with tempfile.TemporaryDirectory() as tmp, started(emulator, cpu="0") as emu:
         wait_listening(emulator_port, emu)
-        for _ in range(args.rounds):
-            for config in configs:
-                figures = one_round(config, emulator_port, Path(tmp), args.connections, args.requests)
+        for n in range(args.rounds):
+            order = configs[n % len(configs):] + configs[:n % len(configs)]  # who starts first changes
+            for config, figures in one_round(order, emulator_port, Path(tmp), args.connections, args.requests).items():
                 runs[config].append(figures)
                 print(f"{config:8} {figures}", file=sys.stderr)
-    medians = {config: statistics.median(r["cpu_us_per_request"] for r in rows) for config, rows in runs.items()}
     summary: dict[str, dict[str, object]] = {
-        config: {"median_cpu_us_per_request": round(medians[config], 1),
+        config: {"median_cpu_us_per_request": round(statistics.median(r["cpu_us_per_request"] for r in rows), 1),
                  "runs": [round(r["cpu_us_per_request"], 1) for r in rows],
                  "failed": sum(int(r["failed"]) for r in rows)}
         for config, rows in runs.items()}
-    for config in set(medians) - {"warning"}:
-        if "warning" in medians:
-            summary[config]["over_quiet"] = round(medians[config] / medians["warning"] - 1, 3)
+    if "warning" in runs:
+        for config in set(runs) - {"warning"}:
+            ratios = [r["cpu_us_per_request"] / q["cpu_us_per_request"]
+                      for r, q in zip(runs[config], runs["warning"], strict=True)]
+            summary[config]["over_quiet_by_round"] = [round(ratio - 1, 3) for ratio in ratios]
+            summary[config]["over_quiet"] = round(statistics.median(ratios) - 1, 3)
     print(json.dumps({"when": time.strftime("%Y-%m-%d %H:%M:%S"), "command": "python -m bench.accesslog "
                       + " ".join(sys.argv[1:]), "results": summary}, indent=2))
 
