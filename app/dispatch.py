@@ -20,10 +20,8 @@ from typing import Protocol
 from app.capabilities import describe, first_param, kinds_able
 from app.clock import Clock
 from app.errors import (
-    SEE_MODELS,
     ClientGone,
     KimiPoolError,
-    ModelNotFound,
     PoolBusy,
     PoolUnavailable,
     QuotaExhausted,
@@ -82,13 +80,12 @@ class Dispatcher:
         return self._leases
 
     def check(self, request: ChatRequest) -> None:
-        """Refuse a request no enabled account could serve: an unknown model (404), or one whose accounts
-        cannot do what it needs (400 naming the parameter). Cheap: asked on every request."""
+        """Refuse a request no enabled account could serve: a model none serves (404; 503 when the pool has
+        no enabled account at all: ``Leases.unserved`` says which), or one whose accounts cannot do what it
+        needs (400 naming the parameter). Cheap: asked on every request."""
         model = request.model
         if model not in self._leases.models():
-            raise ModelNotFound(f"The model '{model}' does not exist or no enabled account serves it. "
-                                f"{SEE_MODELS}",
-                                param="model")
+            raise self._leases.unserved(model)
         needs = request.needs
         if needs and not self._leases.capable(model, needs):
             raise self._incapable(model, needs)

@@ -148,6 +148,15 @@ class PoolUnavailable(KimiPoolError):
         return _retry_after_header(self.retry_after)
 
 
+class NotConfigured(KimiPoolError):
+    """Nothing can serve because of how the pool is set up: it has no account (``no_accounts``) or none
+    is enabled (``no_enabled_account``). The operator's to fix; no ``Retry-After``."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "no_accounts"
+
+
 class ClientGone(KimiPoolError):
     """The client closed its connection while its request waited for an account: it is dropped
     before it reaches an upstream (nobody would read the answer)."""
@@ -299,3 +308,7 @@ class ConfigError(KimiPoolError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_config"
+
+
+class NoDatabase(ConfigError):
+    """A command found no database where it looked (only ``serve`` and ``db upgrade`` create one)."""

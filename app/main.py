@@ -12,15 +12,13 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
 import aiohttp
-import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
-from starlette.responses import Response
 from starlette.routing import Route
 
+from app.account_log import AccountLog
 from app.accounts_config import load_accounts_toml
 from app.api.admin import Admin, admin_routes
 from app.api.admin.dashboard import Dashboard
@@ -28,6 +26,7 @@ from app.api.auth import Authenticator
 from app.api.errors import RequestIdMiddleware, handle_http_exception, handle_kimi_pool_error
 from app.api.exchange import EXPOSED_HEADERS
 from app.api.front import HOT_PATHS, FrontDoor, HotRoute
+from app.api.health import healthz, readyz
 from app.api.ids import Ids
 from app.api.metrics import metrics
 from app.api.openai.batches import batch_routes
@@ -54,6 +53,7 @@ from app.pool.scheduler import Pool
 from app.pool.sessions import SessionTable
 from app.sealing import KEY_NAME, Sealer
 from app.shutdown import Shutdown
+from app.startup import log_summary
 from app.store.db import Database
 from app.store.repository import import_config
 from app.store.secrets import server_secret
@@ -68,18 +68,6 @@ if TYPE_CHECKING:
     from app.workers.supervisor import Workers
 
 log = logging.getLogger("kimi_pool")
-
-
-async def healthz(request: Request) -> Response:
-    gateway: Gateway = request.app.state.gateway
-    states: dict[str, int] = {}
-    for account in gateway.pool.accounts.values():
-        states[account.state.value] = states.get(account.state.value, 0) + 1
-    body: dict[str, object] = {"status": "ok", "accounts": states}
-    workers: Workers | None = getattr(request.app.state, "workers", None)
-    if workers is not None:
-        body["workers"] = workers.status
-    return Response(orjson.dumps(body), media_type="application/json")
 
 
 async def import_accounts(db: Database, settings: Settings, clock: Clock) -> None:
@@ -116,6 +104,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
         states = StateWriter(db, pool, clock)
         states.start()
         pool.on_state_change(states.changed)
+        pool.on_state_change(AccountLog(clock))
         pool.on_learn(lambda account: writer.put_limits(account.name, account.limits_rev, account.limits.learned()))
         session = create_session(settings, connector=transport)
         registry = Registry.default(session, clock)
@@ -128,15 +117,17 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
                 await asyncio.wait_for(discovery.wait_runs(1), STARTUP_WAIT)
         admission = Admission(pool, clock, max_queue=settings.max_queue, max_queue_per_key=settings.max_queue_per_key)
         sessions = SessionTable(ttl=settings.session_ttl, max_per_client=settings.max_sessions_per_key)
+        log_summary(settings, db.where, pool, auth)
         async with db.session() as db_session:
             sessions.load(await SessionRepository(db_session).load_active(clock.time()))
         sessions.on_change(writer.put_session)
         observer, metrics_registry = Metrics.registry(pool, admission, clock)
         leases = PoolLeases(pool, admission, sessions, clock, saved=states.saved)
+        access_log = AccessLog()
         dispatcher = Dispatcher(leases, registry, writer, clock,
                                 failover_deadline=settings.failover_deadline,
                                 default_max_tokens=settings.default_max_tokens,
-                                observers=(observer, AccessLog()), shutdown=shutdown)
+                                observers=(observer, access_log), shutdown=shutdown)
         app.state.gateway = gateway = Gateway(settings, clock, auth, pool, admission, sessions, dispatcher,
                                               clock.time(), metrics_registry)
         idempotency = Idempotency(db, writer, clock, ttl=settings.idempotency_ttl)
@@ -191,9 +182,11 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
             await states.close()
             await writer.close()
             await db.dispose()
+            access_log.flush()
 
     routes = [
         Route("/healthz", healthz, methods=["GET"]),
+        Route("/readyz", readyz, methods=["GET"]),
         Route("/v1/models", list_models, methods=["GET"]),
         Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
         Route("/v1/pool/status", pool_status, methods=["GET"]),

@@ -34,6 +34,9 @@ FIRST_TOKEN_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 WAIT_BUCKETS = (0.001, 0.01, 0.1, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 _TIMED_STATES = (State.COOLING_DOWN, State.QUOTA_EXHAUSTED)
 
+_UNSERVED = frozenset({"model_not_found", "no_accounts", "no_enabled_account"})
+"""Outcomes of requests for a model nothing serves: counted with ``model=""``, so clients cannot make up series."""
+
 _Finished = tuple[UsageRecord, float | None, float | None]
 
 
@@ -96,7 +99,7 @@ class Metrics:
         counts: dict[tuple[str, str, str, str], list[int]] = {}
         timed: dict[tuple[str, bool], tuple[Any, Any, Any]] = {}
         for record, waited_ms, first_byte_ms in pending:
-            model = "" if record.outcome == "model_not_found" else record.model
+            model = "" if record.outcome in _UNSERVED else record.model
             key = (record.account or "", model, record.client_key or "", record.outcome)
             count = counts.get(key)
             if count is None:

@@ -26,6 +26,7 @@ from uvicorn.config import LOGGING_CONFIG
 from app.accounts_config import load_accounts_toml
 from app.config import Settings
 from app.errors import ConfigError
+from app.log_buffer import BufferedHandler, TextFormatter
 from app.logs import JsonFormatter
 from app.main import create_app
 from app.netguard import NetLimits, connection_cap, http_protocol, raise_open_files_limit
@@ -43,9 +44,10 @@ bound values at DEBUG, account secrets included."""
 
 def configure_logging(level: str, log_format: str, stream: TextIO | None = None) -> None:
     """Send every log record (kimi-pool's, uvicorn's, the libraries') to ``stream`` (stderr) through one
-    handler on the root logger: ``text`` lines, or one JSON object per line."""
-    handler = logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler on the root logger: ``text`` lines, or one JSON object per line. Requests' lines are written
+    in batches (``app.log_buffer``)."""
+    handler = BufferedHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter(TEXT_FORMAT))
     logging.basicConfig(level=level.upper(), handlers=[handler], force=True)
     for name in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(max(logging.INFO, logging.getLogger().level))
@@ -93,11 +95,21 @@ class Server(uvicorn.Server):
         self._ending = shutdown
         self._grace = grace
         self._workers = workers
+        self.stopped_by: int | None = None
+        """The signal that stopped the server (the first one, if several came)."""
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.stopped_by is None:
+            self.stopped_by = sig
         if self._workers is not None:
             self._workers.signal_stop()
         super().handle_exit(sig, frame)
+
+    def said_stopped(self) -> None:
+        """The last line of a clean stop, naming the signal that asked for it."""
+        if self.stopped_by is not None:
+            log.info("kimi-pool stopped on %s; exit status 0",
+                     "Ctrl-C (SIGINT)" if self.stopped_by == signal.SIGINT else signal.Signals(self.stopped_by).name)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
         timer = asyncio.get_running_loop().call_later(self._grace, self._end_grace)
@@ -145,11 +157,31 @@ def serve_gateway(settings: Settings, options: dict[str, Any]) -> None:
     os.execve(sys.executable, [sys.executable, "-c", "from app.serve import main; main()", *sys.argv[1:]], env)
 
 
+def quiet_stop_signals() -> None:
+    """uvicorn handles SIGTERM and SIGINT (stop accepting, let in-flight requests and streams finish,
+    then the lifespan flushes usage and state) and afterwards re-raises the signal to the handler it
+    found: make that handler a no-op, so a clean stop ends with exit status 0 and no
+    ``KeyboardInterrupt`` traceback, rather than "killed by SIGTERM" or 130. (The handler is not
+    Python's default for SIGINT, so ``asyncio.run`` does not put its own in, which would raise
+    ``KeyboardInterrupt`` after uvicorn's clean stop.)"""
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _signum, _frame: None)
+
+
+def set_title(title: str) -> None:
+    """What ``ps``, ``top`` and ``/proc/PID/cmdline`` show for this process (instead of ``python -c …``)."""
+    from setproctitle import setproctitle
+
+    setproctitle(title)
+
+
 def main() -> None:
     """The server process ``serve`` becomes. A setting it cannot use (a port taken) ends it with one line."""
+    quiet_stop_signals()
     options = json.loads(os.environ.pop(SETTINGS_ENV, "{}"))
     if options.get("accounts_file") is not None:
         options["accounts_file"] = Path(options["accounts_file"])
+    set_title(f"kimi-pool serve {options.get('host', '127.0.0.1')}:{options.get('port', 8088)}")
     try:
         run_server(Settings.from_env(**options))
     except ConfigError as error:
@@ -159,10 +191,7 @@ def main() -> None:
 
 def run_server(settings: Settings) -> None:
     configure_logging(settings.log_level, settings.log_format)
-    # uvicorn handles SIGTERM (stop accepting, let in-flight requests and streams finish, then the
-    # lifespan flushes usage and state) and afterwards re-raises the signal to the handler it found:
-    # make that handler a no-op, so a clean shutdown ends with exit status 0, not "killed by SIGTERM".
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)
+    quiet_stop_signals()
     open_files = raise_open_files_limit()  # the workers inherit it
     cap = connection_cap(settings.max_connections, open_files)
     if cap < settings.max_connections:
@@ -176,7 +205,9 @@ def run_server(settings: Settings) -> None:
     # log_config=None: uvicorn's own records go to the root handler too, in the same format
     config = server_config(create_app(settings, shutdown=shutdown), settings.log_level, None, settings.shutdown_grace,
                            http_protocol(net_limits(settings)), host=settings.host, port=settings.port)
-    Server(config, shutdown, settings.shutdown_grace).run()
+    server = Server(config, shutdown, settings.shutdown_grace)
+    server.run()
+    server.said_stopped()
 
 
 def _serve_with_workers(settings: Settings) -> None:
@@ -196,9 +227,11 @@ def _serve_with_workers(settings: Settings) -> None:
         # the keeper's socket is private (only its workers connect, with heads they have checked): plain httptools
         config = server_config(app, settings.log_level, None, settings.shutdown_grace,
                                uds=os.path.join(runtime, HTTP_SOCKET))
-        Server(config, shutdown, settings.shutdown_grace, workers).run()
+        server = Server(config, shutdown, settings.shutdown_grace, workers)
+        server.run()
     finally:
         shutil.rmtree(runtime, ignore_errors=True)
+    server.said_stopped()
 
 
 def serve_emulator(app: ASGIApp, host: str, port: int, log_level: str = "warning") -> None:

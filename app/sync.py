@@ -27,6 +27,7 @@ from app.errors import ConfigError
 from app.kimi_auth import check_fresh, read_token
 from app.pool.account import Account, Runtime, State
 from app.pool.scheduler import Pool
+from app.redact import redact
 from app.store.db import Database
 from app.store.models import AccountRow
 from app.store.repository import AccountRepository, AliasRepository, ClientKeyRepository
@@ -116,7 +117,8 @@ class AccountSync:
                 account, problem = account_from_row(row, catalogue, now, runtime=self._pending(current, row))
                 self._pool.put(account)
                 if not self._quiet:
-                    log.info("account %s loaded (rev %d)", row.name, row.config_rev)
+                    log.info("account %s loaded (rev %d): %s%s", row.name, row.config_rev, account.state.value,
+                             f" ({redact(account.reason)})" if account.reason else "")
                     self._say(row.name, problem)
                 if problem != row.load_error:
                     changed[row.name] = problem
@@ -177,6 +179,9 @@ class AccountSync:
             log.warning("account %s: its kimi.com login token %s; log in again and update it "
                         "(kimi-pool accounts add/import)", row.name,
                         "has expired" if info.expired(now) else f"expires {info.describe(now)}")
+        elif not info.lapses_soon(now) and self._warned.pop(row.name, None) is not None:
+            log.info("account %s: its kimi.com login token was replaced; the new one expires %s", row.name,
+                     info.describe(now))
 
     async def wait_generation(self, generation: int) -> None:
         """Return once the pool has been reloaded at least ``generation`` times."""

@@ -26,8 +26,25 @@ async def test_the_server_is_the_command_without_the_cli_libraries(tmp_path: Pat
         maps = await asyncio.to_thread(Path(f"/proc/{process.pid}/maps").read_text)
         assert "_pydantic_core" not in maps, "typer's pydantic (and typer, rich) stay in the command line's process"
         assert "/uvloop/" in maps and "/httptools/" in maps, "what the server needs is loaded"
-        command = (await asyncio.to_thread(Path(f"/proc/{process.pid}/cmdline").read_bytes)).split(b"\0")
-        assert b"serve" in command and MASTER_KEY.encode() not in b" ".join(command)
+        port = url.rsplit(":", 1)[1]
+        assert await title(process.pid) == f"kimi-pool serve 127.0.0.1:{port}", "not python -c …"
+
+
+async def title(pid: int) -> str:
+    """What ps shows for the process: its command line (``/proc/PID/cmdline``), arguments joined by spaces."""
+    raw = await asyncio.to_thread(Path(f"/proc/{pid}/cmdline").read_bytes)
+    return b" ".join(part for part in raw.split(b"\0") if part).decode()
+
+
+async def test_the_keeper_and_its_workers_say_what_they_are(tmp_path: Path) -> None:
+    emulator_app = create_moonshot_emulator(MoonshotEmulatorConfig.simple(keys=1))
+    async with serve(emulator_app) as emulator_url, gateway_process(
+            tmp_path, emulator_url, "--workers", "2", ready="kimi-pool ready: 2 workers") as (process, url, _log):
+        port = url.rsplit(":", 1)[1]
+        assert await title(process.pid) == f"kimi-pool serve 127.0.0.1:{port}"
+        children = (await asyncio.to_thread(Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text)).split()
+        assert sorted([await title(int(pid)) for pid in children]) == ["kimi-pool worker 0", "kimi-pool worker 1"]
+        assert await asyncio.to_thread(Path(f"/proc/{process.pid}/comm").read_text) == "kimi-pool serve\n"
 
 
 def test_a_port_already_taken_ends_serve_in_one_line(tmp_path: Path) -> None:

@@ -125,3 +125,27 @@ async def test_with_workers_too_what_runs_at_the_end_of_the_grace_period_gets_an
     with sqlite3.connect(tmp_path / "kimi-pool.db") as db:
         rows = db.execute("SELECT status, outcome, stream FROM usage ORDER BY stream").fetchall()
     assert rows == [(503, "shutting_down", 0), (503, "shutting_down", 1)]
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_ctrl_c_drains_then_exits_0_with_one_line_and_no_traceback(tmp_path: Path, workers: int) -> None:
+    emulator_app = create_moonshot_emulator(MoonshotEmulatorConfig.simple(keys=1))
+    emulator = emulator_app.state.emulator
+    ready = "Application startup complete" if workers == 1 else "kimi-pool ready: 2 workers"
+    async with serve(emulator_app) as emulator_url, gateway_process(
+            tmp_path, emulator_url, "--workers", str(workers), ready=ready) as (process, url, log):
+        assert process.stderr is not None
+        emulator.script("sk-emu-0001", [{"kind": "hold_after", "chunks": 2}])
+        async with openai.AsyncOpenAI(base_url=url + "/v1", api_key=MASTER_KEY, max_retries=0) as client:
+            stream = await client.chat.completions.create(model=MODEL, stream=True, messages=MESSAGES)
+            chunks = [await anext(stream)]
+            await emulator.wait_for(lambda e: e.held == 1)
+            process.send_signal(signal.SIGINT)  # what Ctrl-C in its terminal sends (the workers have their own)
+            await asyncio.wait_for(read_until(process.stderr, "Shutting down", log), 30)
+            emulator.release()
+            chunks += [chunk async for chunk in stream]
+        assert chunks[-1].choices[0].finish_reason == "stop", "the stream in flight finished"
+        rest = (await asyncio.wait_for(process.stderr.read(), 60)).decode(errors="replace")
+        assert await process.wait() == 0, "".join(log) + rest
+    assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
+    assert rest.splitlines()[-1].endswith("INFO kimi_pool: kimi-pool stopped on Ctrl-C (SIGINT); exit status 0")

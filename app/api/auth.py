@@ -27,6 +27,11 @@ class Authenticator:
         self._keys = dict(hashes)
 
     @property
+    def client_keys(self) -> int:
+        """How many client keys are known (not revoked)."""
+        return len(self._keys)
+
+    @property
     def open(self) -> bool:
         return self._master is None and not self._keys
 

@@ -29,9 +29,9 @@ def summary(gateway: Gateway) -> dict[str, Any]:
 def status(gateway: Gateway) -> dict[str, Any]:
     """The operator's view: the summary, every account, the queue per client."""
     pool, now = gateway.pool, gateway.clock.time()
+    pool.refresh_states()
     accounts = []
     for account in pool.accounts.values():
-        account.refresh(now)
         accounts.append({
             "name": account.name,
             "kind": account.kind,

@@ -20,13 +20,13 @@ from app.cli.accounts_edit import accounts_edit, accounts_reset_limits
 from app.cli.discovery import NoDiscover, discover_models, told, warn_unset
 from app.cli.support import cli_state as _state
 from app.cli.support import console as _console
+from app.cli.support import ensure_tables, existing_database, naming, tell_running_server
 from app.cli.support import human_time as _human_time
 from app.cli.support import in_db as _in_db
-from app.cli.support import tell_running_server
 from app.config import Settings
 from app.errors import ConfigError
 from app.kimi_auth import TokenInfo, check_fresh
-from app.store.db import Database
+from app.store.db import where_of
 from app.store.repository import AccountRepository, import_config
 from app.views import OPERATOR_REASON, account_view
 
@@ -107,7 +107,8 @@ def accounts_list(
         typer.echo(json.dumps(views, indent=2, ensure_ascii=False))
         return
     if not views:
-        typer.echo("no accounts yet: add one with 'kimi-pool accounts add' or 'accounts import'")
+        typer.echo(f"no accounts yet in {where_of(_state(ctx).db_url)}: add one with 'kimi-pool accounts add' or "
+                   "'accounts import'")
         return
     table = Table("name", "kind", "state", "until", "reason", "models", "limits", "weight", "key", "expires")
     for view in views:
@@ -189,14 +190,16 @@ def accounts_check(
     settings = Settings.from_env(db_url=state.db_url)
 
     async def check() -> list[ProbeResult]:
-        database = Database(state.db_url)
+        database = existing_database(state.db_url)
         try:
-            await database.upgrade()
+            await ensure_tables(database)
             async with create_session(settings) as session:
                 registry = Registry.default(session, state.clock)
                 try:
                     results = await probe_accounts(database, registry, state.clock,
                                                    None if name is None else [name])
+                except ConfigError as exc:
+                    raise naming(database, exc) from None
                 finally:
                     await registry.close()
         finally:

@@ -14,7 +14,8 @@ from rich.console import Console
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.clock import Clock
-from app.errors import ConfigError
+from app.config import DEFAULT_DB_URL
+from app.errors import ConfigError, KimiPoolError, NoDatabase
 from app.notify import tell_server
 from app.store.db import Database
 from app.when import duration_seconds
@@ -37,9 +38,38 @@ def cli_state(ctx: typer.Context) -> CliState:
     return state
 
 
+_ELSEWHERE = (": point at yours with --db URL or KIMI_POOL_DB (the default, {default}, is in the current "
+              "directory), or create one with 'kimi-pool db upgrade' ('kimi-pool serve' creates it too)")
+
+
+def existing_database(url: str) -> Database:
+    """The database at ``url``, which must exist: a command never creates one by accident (the default
+    URL is relative to the current directory). Call ``ensure_tables`` once it is open."""
+    try:
+        return Database(url, create=False)
+    except NoDatabase as exc:
+        raise NoDatabase(exc.message + _ELSEWHERE.format(default=DEFAULT_DB_URL)) from None
+
+
+async def ensure_tables(database: Database) -> None:
+    """Refuse a database without kimi-pool's tables (an empty file, the wrong PostgreSQL database);
+    bring one of an older schema up to date."""
+    if not await database.exists():
+        raise NoDatabase(f"no kimi-pool tables in {database.where}" + _ELSEWHERE.format(default=DEFAULT_DB_URL))
+    await database.upgrade()
+
+
+def naming(database: Database, exc: KimiPoolError) -> KimiPoolError:
+    """``exc`` with the database it is about named in its message (an account or key that is missing,
+    or already there, is so in that database)."""
+    exc.message = f"{exc.message} (database {database.where})"
+    return exc
+
+
 def in_db(ctx: typer.Context, work: Callable[[AsyncSession, float], Awaitable[_T]], *, change: bool = False,
           scrub: bool = False) -> _T:
-    """Open the database, bring its schema up to date, run ``work`` in one transaction, close.
+    """Open the database (it must exist: ``existing_database``), bring its schema up to date, run
+    ``work`` in one transaction, close. An error of the work names the database.
 
     ``change``: the work changes what a running server serves with (accounts, keys, aliases): once it
     is committed, tell a server running on this database to reload now (``tell_running_server``).
@@ -48,11 +78,14 @@ def in_db(ctx: typer.Context, work: Callable[[AsyncSession, float], Awaitable[_T
     state = cli_state(ctx)
 
     async def main() -> _T:
-        database = Database(state.db_url)
+        database = existing_database(state.db_url)
         try:
-            await database.upgrade()
-            async with database.session() as session, session.begin():
-                result = await work(session, state.clock.time())
+            await ensure_tables(database)
+            try:
+                async with database.session() as session, session.begin():
+                    result = await work(session, state.clock.time())
+            except KimiPoolError as exc:
+                raise naming(database, exc) from None
             if scrub:
                 await database.scrub()
         finally:

@@ -14,13 +14,14 @@ from typing import TYPE_CHECKING, Protocol
 from app.clock import Clock
 from app.pool.account import Account
 from app.pool.admission import Admission
+from app.pool.census import unserved
 from app.pool.context import RequestContext
 from app.pool.headroom import Headroom
 from app.pool.scheduler import Pool
 from app.pool.sessions import Binding, SessionTable
 
 if TYPE_CHECKING:
-    from app.errors import UpstreamError
+    from app.errors import KimiPoolError, UpstreamError
     from app.upstreams.base import Thread
 
 
@@ -75,6 +76,11 @@ class Leases(Protocol):
 
     def kinds_serving(self, model: str) -> set[str]:
         """The account kinds (not disabled) serving ``model``, for error messages."""
+        ...
+
+    def unserved(self, model: str) -> KimiPoolError:
+        """The error for a request for ``model``, which no enabled account serves: why, and what fixes it
+        (``app.pool.census.unserved``)."""
         ...
 
     def headroom(self, model: str, now: float) -> list[tuple[bytes, bytes]]:
@@ -157,6 +163,9 @@ class PoolLeases:
 
     def kinds_serving(self, model: str) -> set[str]:
         return self._pool.kinds_serving(model)
+
+    def unserved(self, model: str) -> KimiPoolError:
+        return unserved(self._pool, model)
 
     def headroom(self, model: str, now: float) -> list[tuple[bytes, bytes]]:
         return self._headroom.headers(model, now)

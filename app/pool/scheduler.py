@@ -181,6 +181,14 @@ class Pool:
         at = self.next_free_time(model, cost, needs=needs)
         return None if at is None else max(0.0, at - self._clock.time())
 
+    def refresh_states(self) -> None:
+        """Bring back every account whose cooldown or timed quota has run out (telling the state
+        listeners), as a request that tried it would."""
+        now = self._clock.time()
+        for account in list(self._accounts.values()):
+            if account.state in (State.COOLING_DOWN, State.QUOTA_EXHAUSTED):
+                self._refresh(account, now)
+
     def ready(self, model: str) -> int:
         """How many accounts could take a request for ``model`` now: active, with a free slot and room
         in their windows (``/v1/pool/status`` shows it to client keys)."""

@@ -36,7 +36,7 @@ from sqlalchemy.pool import StaticPool
 
 import app
 from app.config import DEFAULT_DB_URL
-from app.errors import ConfigError
+from app.errors import ConfigError, NoDatabase
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -65,15 +65,20 @@ def migrations_dir() -> Path:
 
 
 class Database:
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, create: bool = True) -> None:
+        """``create`` False: a SQLite file that does not exist is ``NoDatabase``, and nothing is created
+        (the commands that only read or change what is there; only ``serve`` and ``db upgrade`` create)."""
         self.url = url
         parsed = _parse_url(url)
         self.display_url = parsed.render_as_string(hide_password=True)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
+        self.where = _where(parsed)
+        """What to call this database in messages: a SQLite file's absolute path, else the URL with any
+        password masked."""
         options: dict[str, Any] = {"hide_parameters": True}  # bound values (secrets) stay out of errors
         in_memory = False
         if self.is_sqlite:
-            in_memory = _prepare_sqlite_path(parsed)
+            in_memory = _is_memory(parsed)
             if in_memory:  # one shared connection, or every connection would see its own empty database
                 options["poolclass"] = StaticPool
         else:
@@ -90,6 +95,8 @@ class Database:
                 "(use sqlite+aiosqlite:///… or postgresql+asyncpg://…)"
             ) from None
         if self.is_sqlite:
+            if not in_memory:  # after the engine: a wrong driver is the first thing to say
+                _prepare_sqlite_file(parsed, create)
             event.listen(self.engine.sync_engine, "connect", _sqlite_on_connect)
         self._sessions = async_sessionmaker(self.engine, expire_on_commit=False)
 
@@ -124,6 +131,15 @@ class Database:
             except SQLAlchemyError:
                 return False  # no table yet: a new database
         return found == [SCHEMA_HEAD]
+
+    async def exists(self) -> bool:
+        """Whether kimi-pool's tables are there (at any schema revision)."""
+        async with self._connect() as connection:
+            try:
+                found = (await connection.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
+            except SQLAlchemyError:
+                return False
+        return bool(found)
 
     async def current_revision(self) -> str | None:
         """The schema revision the database is at (``None`` for an empty database)."""
@@ -165,21 +181,37 @@ def _parse_url(url: str) -> URL:
         raise ConfigError(f"bad database URL {url!r}: expected e.g. {DEFAULT_DB_URL}") from None
 
 
-def _prepare_sqlite_path(url: URL) -> bool:
-    """Create the database file's directory, and the file itself owner-only (or tighten an existing
-    one and its companions to owner-only); return True for an in-memory database."""
+def where_of(url: str) -> str:
+    """What to call the database at ``url`` in messages (``Database.where``), without opening it."""
+    return _where(_parse_url(url))
+
+
+def _where(url: URL) -> str:
     database = url.database or ""
-    if database in ("", ":memory:") or url.query.get("mode") == "memory":
-        return True
+    if (url.get_backend_name() != "sqlite" or database in ("", ":memory:") or url.query.get("mode") == "memory"
+            or database.startswith("file:")):
+        return url.render_as_string(hide_password=True)
+    return str(Path(database).expanduser().absolute())
+
+
+def _is_memory(url: URL) -> bool:
+    return (url.database or "") in ("", ":memory:") or url.query.get("mode") == "memory"
+
+
+def _prepare_sqlite_file(url: URL, create: bool) -> None:
+    """Create the database file's directory, and the file itself owner-only (or tighten an existing
+    one and its companions to owner-only). ``create`` False: a missing file is ``NoDatabase``."""
+    database = url.database or ""
     if database.startswith("file:"):  # a URI filename: leave it to SQLite
-        return False
+        return
     path = Path(database).expanduser()
+    if not create and not path.exists():
+        raise NoDatabase(f"no database at {path.absolute()}")
     try:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"cannot create the database directory {path.parent}: {exc.strerror or exc}") from None
     _make_private(path)
-    return False
 
 
 def _make_private(path: Path) -> None:

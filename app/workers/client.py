@@ -15,8 +15,9 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 
-from app.errors import AuthDead, PoolBusy, PoolUnavailable, QuotaExhausted, RateLimited, UpstreamError
+from app.errors import AuthDead, KimiPoolError, PoolBusy, PoolUnavailable, QuotaExhausted, RateLimited, UpstreamError
 from app.pool.account import Account
+from app.pool.census import unserved
 from app.pool.context import RequestContext
 from app.pool.leases import Held
 from app.pool.scheduler import Pool
@@ -232,6 +233,9 @@ class RemoteLeases:
 
     def kinds_serving(self, model: str) -> set[str]:
         return self._accounts.kinds_serving(model)
+
+    def unserved(self, model: str) -> KimiPoolError:
+        return unserved(self._accounts, model)
 
     def headroom(self, model: str, now: float) -> list[tuple[bytes, bytes]]:
         return self._headroom.get(model, [])

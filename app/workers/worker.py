@@ -98,10 +98,11 @@ def create_worker_app(settings: Settings, *, runtime: str, index: int, clock: Cl
         await link.connect(os.path.join(runtime, LEASES_SOCKET))
         session = create_session(settings, connector=transport)
         registry = Registry.default(session, clock)
+        access_log = AccessLog(worker=index)
         dispatcher = Dispatcher(RemoteLeases(link, accounts, sync.load), registry, NoUsage(), clock,
                                 failover_deadline=settings.failover_deadline,
                                 default_max_tokens=settings.default_max_tokens,
-                                observers=(AccessLog(worker=index), RemoteObserver(link)), shutdown=shutdown)
+                                observers=(access_log, RemoteObserver(link)), shutdown=shutdown)
         forward = Forwarder(os.path.join(runtime, HTTP_SOCKET))
         forward.start()
         app.state.chat = ChatCompletions(settings, clock, auth, dispatcher, ids, None, shutdown)
@@ -117,6 +118,7 @@ def create_worker_app(settings: Settings, *, runtime: str, index: int, clock: Cl
             await forward.close()
             link.close()  # sends what is queued (the last usage records) first
             await db.dispose()
+            access_log.flush()
 
     return WorkerFront(Starlette(lifespan=lifespan), auth, ids, shutdown)
 
@@ -141,12 +143,13 @@ def settings_from_json(fields: dict[str, Any]) -> Settings:
 
 def main() -> None:
     from app.netguard import http_protocol
-    from app.serve import Server, configure_logging, net_limits, server_config
+    from app.serve import Server, configure_logging, net_limits, quiet_stop_signals, server_config, set_title
 
+    quiet_stop_signals()  # exit 0 after uvicorn's clean shutdown
     spec = orjson.loads(sys.stdin.buffer.read())
+    set_title(f"kimi-pool worker {spec['index']}")
     settings = settings_from_json(spec["settings"])
     configure_logging(settings.log_level, settings.log_format)
-    signal.signal(signal.SIGTERM, lambda _signum, _frame: None)  # exit 0 after uvicorn's clean shutdown
     listener = socket.socket(fileno=int(spec["fd"]))
     shutdown = Shutdown()
     app = create_worker_app(settings, runtime=spec["runtime"], index=int(spec["index"]), shutdown=shutdown)

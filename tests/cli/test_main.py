@@ -18,10 +18,14 @@ SECRET = "sk-live-0123456789abcdefSECRET"
 
 
 class Cli:
-    def __init__(self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def __init__(self, tmp_path: Path, capsys: pytest.CaptureFixture[str], *, create: bool = True) -> None:
+        """``create``: make the database first (``db upgrade``), as an operator would before any command."""
         self.path = tmp_path / "data" / "kimi-pool.db"
         self.url = f"sqlite+aiosqlite:///{self.path}"
         self._capsys = capsys
+        if create:
+            assert run(["--db", self.url, "db", "upgrade"]) == 0
+            capsys.readouterr()
 
     def __call__(self, *args: str, db: bool = True) -> tuple[int, str, str]:
         code = run([*(["--db", self.url] if db else []), *args])
@@ -78,10 +82,33 @@ def test_add_then_list_masks_the_secret(cli: Cli) -> None:
     assert SECRET not in table + json.dumps(view) and "hunter2" not in table + json.dumps(view)
 
 
-def test_list_empty_and_fresh_file_is_created(cli: Cli) -> None:
-    assert "no accounts yet" in cli.ok("accounts", "list")
-    assert cli.path.is_file()
+def test_list_empty_names_the_database(cli: Cli) -> None:
+    assert f"no accounts yet in {cli.path}: add one with 'kimi-pool accounts add'" in cli.ok("accounts", "list")
     assert cli.accounts() == []
+
+
+@pytest.mark.parametrize("args", [["accounts", "list"], ["accounts", "add", "x", "--kind", "kimi-ai-chat"],
+                                  ["accounts", "import", "accounts.example.toml"], ["accounts", "check"],
+                                  ["keys", "create", "k"], ["models", "list"], ["sessions", "list"], ["usage"]])
+def test_a_command_never_creates_a_database(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                             args: list[str]) -> None:
+    cli = Cli(tmp_path, capsys, create=False)
+    line = cli.fails(*args)
+    assert line.startswith(f"no database at {cli.path}: point at yours with --db URL or KIMI_POOL_DB "), line
+    assert "create one with 'kimi-pool db upgrade'" in line
+    assert not cli.path.parent.exists(), "neither the file nor its directory"
+
+
+def test_a_file_without_kimi_pools_tables_is_refused_and_left_alone(tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    cli = Cli(tmp_path, capsys, create=False)
+    cli.path.parent.mkdir()
+    with sqlite3.connect(cli.path) as other:
+        other.execute("CREATE TABLE notes (x)")
+    line = cli.fails("accounts", "list")
+    assert line.startswith(f"no kimi-pool tables in {cli.path}: point at yours with --db URL or KIMI_POOL_DB")
+    with sqlite3.connect(cli.path) as other:
+        assert other.execute("SELECT name FROM sqlite_master").fetchall() == [("notes",)]
 
 
 def test_disable_enable_remove(cli: Cli, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,9 +155,12 @@ def test_default_database_is_in_the_working_directory(tmp_path: Path, cli: Cli,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("KIMI_POOL_DB", raising=False)
     monkeypatch.chdir(tmp_path)
-    code, _, err = cli("accounts", "list", db=False)
+    assert cli.fails("accounts", "list", db=False).startswith(f"no database at {tmp_path / 'kimi-pool.db'}: ")
+    assert not (tmp_path / "kimi-pool.db").exists()
+    code, _, err = cli("db", "upgrade", db=False)
     assert (code, err) == (0, "")
     assert (tmp_path / "kimi-pool.db").is_file()
+    assert f"no accounts yet in {tmp_path / 'kimi-pool.db'}" in cli("accounts", "list", db=False)[1]
 
 
 def test_db_upgrade(cli: Cli) -> None:
@@ -187,7 +217,11 @@ def test_usage_errors_are_one_line_exit_2(cli: Cli, args: list[str], message: st
 
 def test_duplicate_name_is_one_line(cli: Cli) -> None:
     cli.ok("accounts", "add", "x", "--kind", "kimi-ai-chat")
-    assert cli.fails("accounts", "add", "x", "--kind", "kimi-ai-chat") == "an account named x already exists"
+    assert cli.fails("accounts", "add", "x", "--kind", "kimi-ai-chat") == (
+        f"an account named x already exists (database {cli.path})")
+    assert cli.fails("accounts", "disable", "y") == f"no account named y (database {cli.path})"
+    assert cli.fails("accounts", "enable", "y") == f"no account named y (database {cli.path})"
+    assert cli.fails("accounts", "remove", "y") == f"no account named y (database {cli.path})"
 
 
 @pytest.mark.parametrize(("url", "message"), [
@@ -305,7 +339,7 @@ def test_keys_revoke_and_errors(cli: Cli) -> None:
     assert "bad key name" in cli.fails("keys", "create", "no spaces")
     assert cli.ok("keys", "revoke", "k") == "revoked key k\n"
     assert cli.ok("keys", "revoke", "k") == "key k was already revoked\n"
-    assert cli.fails("keys", "revoke", "nope") == "no key named nope"
+    assert cli.fails("keys", "revoke", "nope") == f"no key named nope (database {cli.path})"
     [view] = json.loads(cli.ok("keys", "list", "--json"))
     assert view["revoked_at"] is not None
     assert "revoked" in cli.ok("keys", "list")
@@ -466,7 +500,7 @@ async def test_accounts_check_exit_status_table_and_json(cli: Cli) -> None:
         assert {v["name"]: v["state"] for v in json.loads(out)}["revoked"] == "auth_dead"
 
         code, out, err = await call("accounts", "check", "nope")
-        assert (code, out, err) == (1, "", "kimi-pool: error: no account named nope\n")
+        assert (code, out, err) == (1, "", f"kimi-pool: error: no account named nope (database {cli.path})\n")
 
         totals = app.state.emulator.snapshot()["totals"]
         assert totals["requests"] == 0 and totals["tokens_used"] == 0, "probing spends no chat request"

@@ -182,8 +182,8 @@ def test_db_upgrade_and_cli_commands_create_the_database_owner_only(tmp_path: Pa
     assert run(["--db", f"sqlite+aiosqlite:///{fresh}/kimi-pool.db", "db", "upgrade"]) == 0
     assert modes(fresh) == {"kimi-pool.db": 0o600}
     assert stat.S_IMODE(fresh.stat().st_mode) == 0o700, "a directory kimi-pool creates is private too"
-    assert run(["--db", f"sqlite+aiosqlite:///{tmp_path}/other/kimi-pool.db", "keys", "create", "k"]) == 0
-    assert modes(tmp_path / "other") == {"kimi-pool.db": 0o600}
+    assert run(["--db", f"sqlite+aiosqlite:///{fresh}/kimi-pool.db", "keys", "create", "k"]) == 0
+    assert modes(fresh) == {"kimi-pool.db": 0o600}
 
 
 def test_an_existing_world_readable_database_and_its_wal_are_tightened(tmp_path: Path) -> None:
@@ -197,7 +197,7 @@ def test_an_existing_world_readable_database_and_its_wal_are_tightened(tmp_path:
         each.chmod(0o644)
     assert set(modes(tmp_path)) == {"kimi-pool.db", "kimi-pool.db-wal", "kimi-pool.db-shm"}
     try:
-        assert run(["--db", f"sqlite+aiosqlite:///{path}", "accounts", "list"]) == 0
+        assert run(["--db", f"sqlite+aiosqlite:///{path}", "db", "upgrade"]) == 0
     finally:
         holder.close()
     assert set(modes(tmp_path).values()) == {0o600}

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import httpx
 import openai
 import pytest
 
@@ -23,7 +24,7 @@ from app.emulator.kimi_web import KimiWebEmulator, KimiWebEmulatorConfig, create
 from app.probe import probe_accounts
 from app.store.db import Database
 from app.upstreams.registry import Registry
-from tests.conftest import Gateway, reload, run_gateway, serve
+from tests.conftest import MASTER_KEY, Gateway, reload, run_gateway, serve
 from tests.test_sync import cli
 
 MODEL = "kimi-k2.5"
@@ -287,6 +288,20 @@ async def test_a_token_about_to_lapse_is_warned_about_in_the_log(tmp_path: Path,
     warnings = [r.getMessage() for r in caplog.records if r.name == "kimi_pool.sync"]
     assert len(warnings) == 1 and warnings[0].startswith("account web-1: its kimi.com login token expires")
     assert "(in 2d)" in warnings[0] or "(in 1d)" in warnings[0]
+
+
+async def test_a_replaced_token_is_said_in_the_log_once(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="kimi_pool.sync")
+    async with web_stack(tmp_path, ttl=[2 * 86400.0]) as stack:
+        fresh = mint_jwt(stack.emulator.config.users[0], now=stack.clock.time(), ttl=30 * 86400.0)
+        async with httpx.AsyncClient(base_url=stack.gateway.url,
+                                     headers={"Authorization": f"Bearer {MASTER_KEY}"}) as admin:
+            assert (await admin.patch("/admin/accounts/web-1", json={"token": fresh})).status_code == 200
+        await reload(stack.gateway)
+    said = [r.getMessage() for r in caplog.records if r.name == "kimi_pool.sync" and "token" in r.getMessage()]
+    assert len(said) == 2 and said[0].startswith("account web-1: its kimi.com login token expires")
+    assert said[1].startswith("account web-1: its kimi.com login token was replaced; the new one expires ")
+    assert said[1].endswith("(in 30d)") and fresh not in caplog.text
 
 
 async def test_accounts_check_asks_kimi_com_whether_each_login_still_works(tmp_path: Path) -> None:

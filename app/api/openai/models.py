@@ -7,7 +7,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from app.api.state import Gateway
-from app.errors import SEE_MODELS, ModelNotFound
+from app.pool.census import unserved
 
 
 def _model(model_id: str, created: int) -> dict[str, object]:
@@ -27,7 +27,5 @@ async def get_model(request: Request) -> Response:
     gateway.auth.authenticate(request.headers)
     model_id = request.path_params["model_id"]
     if model_id not in gateway.pool.models():
-        raise ModelNotFound(f"The model '{model_id}' does not exist or no enabled account serves it. "
-                            f"{SEE_MODELS}",
-                            param="model")
+        raise unserved(gateway.pool, model_id)
     return Response(orjson.dumps(_model(model_id, int(gateway.started_at))), media_type="application/json")

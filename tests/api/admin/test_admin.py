@@ -301,8 +301,8 @@ async def test_duplicates_are_409_with_the_clis_message(stack: Stack, admin: htt
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     response = await admin.post("/accounts", json=new_account(name="acct-1"))
     assert_error(response, 409, "invalid_request_error", code="already_exists", param="name")
-    assert response.json()["error"]["message"] == await cli_error(
-        stack, capsys, "accounts", "add", "acct-1", "--kind", "kimi-ai-chat")
+    assert f"{response.json()['error']['message']} (database {stack.tmp_path / 'kimi-pool.db'})" == await cli_error(
+        stack, capsys, "accounts", "add", "acct-1", "--kind", "kimi-ai-chat"), "the CLI also names the database"
 
 
 async def test_a_body_over_one_mib_is_413_and_methods_are_checked(stack: Stack, admin: httpx.AsyncClient) -> None:
