@@ -87,6 +87,8 @@ async def test_the_cli_works_without_a_server_and_past_a_killed_one_s_socket(
     db_url = f"sqlite+aiosqlite:///{tmp_path}/kimi-pool.db"
     path = socket_path(db_url)
     assert path == tmp_path / "kimi-pool.db.sock"
+    assert await cli(db_url, "db", "upgrade") == 0
+    capsys.readouterr()
     assert await cli(db_url, "keys", "create", "nobody-listens") == 0
     assert capsys.readouterr().err.startswith("key nobody-listens created"), "no warning: no server, nothing to tell"
 

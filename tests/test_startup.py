@@ -40,8 +40,9 @@ async def test_the_start_summary(tmp_path: Path) -> None:
     assert lines[start:start + 4] == [
         f"kimi-pool {__version__} serving {url}; database {tmp_path / 'kimi-pool.db'}",
         "accounts: 2 (kimi-ai-chat 1, moonshot 1); 1 active, 1 disabled (off)",
-        "models served: kimi-k2, kimi-k2-0905-preview, kimi-k2-thinking, kimi-k2-turbo-preview, kimi-k2.5, kimi-k2.6, "
-        "kimi-k2.7-code, kimi-k3, moonshot-v1-128k, moonshot-v1-32k, moonshot-v1-8k",
+        "models served: kimi-k2, kimi-k2-0905-preview, kimi-k2-thinking, kimi-k2-thinking-turbo, "
+        "kimi-k2-turbo-preview, kimi-k2.5, kimi-k2.6, kimi-k2.7-code, kimi-k3, moonshot-v1-128k, moonshot-v1-32k, "
+        "moonshot-v1-8k",
         f"gateway keyed: the master key and 0 client keys; dashboard {url}/dashboard",
     ]
     assert not any("no enabled account" in line for line in lines)

@@ -155,13 +155,13 @@ def accounts_import(
 ) -> None:
     """Create or update every account of an accounts.toml; accounts not in the file are left alone."""
     config = load_accounts_toml(path)
-    for spec in config.accounts:
-        warn_unset(spec)
 
     async def upsert_all(session: AsyncSession, now: float) -> list[str]:
         return list(await import_config(session, config, now))
 
     results = _in_db(ctx, upsert_all, scrub=True, change=True)  # an updated account may have had its key replaced
+    for spec in config.accounts:  # once stored: a command that fails says only why
+        warn_unset(spec)
     counts = ", ".join(f"{results.count(what)} {what}" for what in ("created", "updated", "unchanged"))
     aliases = f"; {len(config.aliases)} alias(es)" if config.aliases else ""
     typer.echo(f"imported {path}: {counts}{aliases}")

@@ -83,7 +83,7 @@ def test_edit_mistakes_are_one_line_and_change_nothing(cli: Cli, args: list[str]
 
 def test_edit_of_an_unknown_account(cli: Cli) -> None:
     cli.ok("db", "upgrade")
-    assert cli.fails("accounts", "edit", "nope", "--rpm", "5") == "no account named nope"
+    assert cli.fails("accounts", "edit", "nope", "--rpm", "5") == f"no account named nope (database {cli.path})"
 
 
 # --- edit, with a running gateway -------------------------------------------------------------------

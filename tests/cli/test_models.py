@@ -93,7 +93,7 @@ def test_an_alias_to_a_model_no_account_offers_is_refused_unless_forced(cli: Cli
     cli.ok("accounts", "add", "c", "--kind", "kimi-ai-chat")
     assert cli.fails("models", "alias", "chat", "--kimi-ai-chat", "kimi-k2-instruct-0999") == (
         "alias chat: no account serves it (kimi-ai-chat accounts do not offer kimi-k2-instruct-0999); see what is "
-        "served with 'kimi-pool models list', or give --force to keep the alias anyway")
+        f"served with 'kimi-pool models list', or give --force to keep the alias anyway (database {cli.path})")
     assert "chat" not in {v["model"] for v in json.loads(cli.ok("models", "list", "--json"))}
     assert cli.fails("models", "alias", "web", "--kimi-web", "kimi-k2.6").startswith(
         "alias web: no account serves it (no kimi-web account)")

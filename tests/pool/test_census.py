@@ -13,6 +13,7 @@ import pytest
 
 from app.cli import run
 from app.clock import ManualClock
+from app.errors import SEE_MODELS
 from tests.conftest import Gateway, reload, run_gateway
 
 HELLO: Any = [{"role": "user", "content": "hello"}]
@@ -68,7 +69,7 @@ async def test_a_model_is_refused_with_the_models_served_or_the_fix_when_only_di
         error = await refused(gateway, "gpt-4o")
         assert (error.status_code, error.code, error.param) == (404, "model_not_found", "model")
         assert error.message == (f"The model 'gpt-4o' is not served by this kimi-pool. "
-                                 f"The models served are: {', '.join(served)}.")
+                                 f"The models served are: {', '.join(served)}. {SEE_MODELS}")
 
         error = await refused(gateway, "kimi-k2-instruct")
         assert (error.status_code, error.code) == (404, "model_not_found")
