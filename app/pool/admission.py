@@ -20,7 +20,7 @@ import contextlib
 from collections import OrderedDict, deque
 
 from app.clock import Clock
-from app.errors import PoolBusy, PoolUnavailable
+from app.errors import PoolBusy, PoolUnavailable, QueueFull
 from app.pool.scheduler import Lease, Pool
 
 LOOKAHEAD = 8
@@ -122,7 +122,7 @@ class Admission:
             raise PoolBusy(f"Every account serving '{model}' is at its limits; retry in {at - now:.0f}s.",
                            retry_after=at - now)
         if (self._depth if batch else self._depth - self._batch_depth) >= self._max_queue:
-            raise PoolBusy(f"The queue is full ({self._max_queue} waiting); retry shortly.",
+            raise QueueFull(f"The queue is full ({self._max_queue} waiting); retry shortly.",
                            retry_after=max(1.0, at - now))
         future: asyncio.Future[Lease] = asyncio.get_running_loop().create_future()
         waiter = _Waiter(model, cost, client or "", exclude, prefer, deadline, future, batch, needs)

@@ -15,7 +15,7 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 
-from app.errors import PoolBusy, PoolUnavailable, UpstreamError
+from app.errors import PoolBusy, PoolUnavailable, QueueFull, UpstreamError
 from app.pool.account import Account
 from app.pool.context import RequestContext
 from app.pool.leases import Held
@@ -162,6 +162,8 @@ class RemoteLeases:
             _, _, why, message, retry_after = frame
             if why == "busy":
                 raise PoolBusy(message, retry_after=retry_after)
+            if why == "full":
+                raise QueueFull(message, retry_after=retry_after)
             raise PoolUnavailable(message, retry_after=retry_after)
         _, _, lease_id, name, binding, headroom = frame
         if headroom is not None:

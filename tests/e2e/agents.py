@@ -34,7 +34,7 @@ async def install(package: str, version: str, binary: str) -> Path:
     if executable.exists():
         return executable
     prefix.mkdir(parents=True, exist_ok=True)
-    with open(prefix / ".lock", "w") as lock:
+    with (prefix / ".lock").open("w") as lock:
         await asyncio.to_thread(fcntl.flock, lock, fcntl.LOCK_EX)
         if not executable.exists():
             process = await asyncio.create_subprocess_exec(
