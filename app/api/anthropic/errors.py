@@ -63,7 +63,7 @@ def status_and_type(error: KimiPoolError) -> tuple[int, str]:
 def _message(error: KimiPoolError) -> str:
     message = redact(error.message)
     param = PARAMS.get(error.param or "", error.param)
-    if param and param not in message:
+    if param and not message.startswith(param):
         message = f"{param}: {message}"
     return message
 
@@ -73,12 +73,9 @@ def error_body(error: KimiPoolError, request_id: str | None) -> dict[str, Any]:
     return {"type": "error", "error": {"type": kind, "message": _message(error)}, "request_id": request_id}
 
 
-def error_headers(error: KimiPoolError, request_id: str | None) -> list[tuple[bytes, bytes]]:
-    """``retry-after`` where the error has a wait, and Anthropic's ``request-id``."""
-    headers = [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
-    if request_id:
-        headers.append((b"request-id", request_id.encode()))
-    return headers
+def error_headers(error: KimiPoolError) -> list[tuple[bytes, bytes]]:
+    """``retry-after`` where the error has a wait (``allow`` for a 405)."""
+    return [(k.lower().encode(), v.encode()) for k, v in error.headers().items()]
 
 
 def error_json(error: KimiPoolError, request_id: str | None) -> tuple[int, bytes]:
@@ -94,5 +91,7 @@ def error_frame(error: KimiPoolError, request_id: str | None = None) -> bytes:
 def error_response(error: KimiPoolError, request_id: str | None) -> Response:
     """The error as a Starlette response (the routes beside the hot path)."""
     status, body = error_json(error, request_id)
-    headers = {k.decode(): v.decode() for k, v in error_headers(error, request_id)}
+    headers = error.headers()
+    if request_id:
+        headers["request-id"] = request_id
     return Response(body, status_code=status, headers=headers, media_type="application/json")

@@ -71,6 +71,7 @@ class Messages:
         started = time.perf_counter()
         request_id = self._ids.request_id(header(scope, b"x-request-id"))
         headers = self._common_headers(scope, request_id)
+        headers.append((b"request-id", request_id.encode()))
         try:
             try:
                 await self._handle(scope, receive, send, request_id, headers, started)
@@ -81,7 +82,7 @@ class Messages:
                 raise cut from None
         except KimiPoolError as error:
             status, body = error_json(error, request_id)
-            await send_json(send, status, body, headers + error_headers(error, request_id))
+            await send_json(send, status, body, headers + error_headers(error))
         except Exception:
             log.exception("unhandled error in request %s", request_id)
             status, body = error_json(KimiPoolError(f"Internal error; quote request id {request_id} when reporting "
@@ -113,7 +114,6 @@ class Messages:
         ctx = RequestContext(request_id, client, max_wait=wait, session=_conversation(scope, parsed, client),
                              started=started, gone=disconnect_of(receive))
         message_id = self._ids.new("msg_")
-        headers.append((b"request-id", request_id.encode()))
         headers += dispatcher.leases.headroom(chat.model, self._clock.time())
         if not chat.stream:
             completion = await dispatcher.complete(chat, ctx)
