@@ -4,7 +4,9 @@ Every field of ``POST /v1/messages`` is honoured, accepted as documented, or ref
 (an unknown one as Anthropic answers it: "Extra inputs are not permitted"):
 
 * ``thinking``: ``enabled`` (its ``budget_tokens`` below ``max_tokens``) turns the upstream's thinking on,
-  ``disabled`` off, ``adaptive`` (what Claude Code sends) leaves it to the model; ``display`` is accepted;
+  ``disabled`` off (a model that always thinks cannot serve it), ``adaptive`` (what Claude Code sends) leaves
+  it to the model; no ``thinking`` at all (Claude Code with thinking off) turns it off where the model allows
+  it (K2.5/K2.6), while models that always think still do; ``display`` is accepted;
 * ``output_config.effort`` → the effort (``xhigh`` runs as ``max``); ``output_config.format`` (JSON schema)
   → structured output;
 * ``temperature`` → Moonshot's mapping for its own Anthropic endpoint: ``temperature * 0.6`` upstream;
@@ -30,7 +32,7 @@ import orjson
 
 from app.api.anthropic.content import Verify, convert
 from app.api.openai.schema import check_depth
-from app.capabilities import needs_of
+from app.capabilities import NO_THINKING, needs_of
 from app.errors import InvalidRequest, Unsupported
 from app.upstreams.base import ChatRequest
 
@@ -254,7 +256,11 @@ def parse_messages_request(body: Any, verify: Verify, *, counting: bool = False)
             params.pop("tool_choice")  # 'auto' or 'none' with no tools asks nothing
     session, user = _metadata(body.get("metadata"))
     converted = convert(body.get("system"), messages, verify)
+    if body.get("thinking") is None:  # off where the model allows it, without refusing models that always think
+        needs, thinking = needs_of(converted, params, None), False
+    else:
+        needs = needs_of(converted, params, thinking)
     chat = ChatRequest(model=model, messages=converted, stream=bool(stream), max_tokens=max_tokens, params=params,
-                       needs=needs_of(converted, params, thinking), thinking=thinking,
-                       effort=effort if thinking is not False else None, session_hint=session)
+                       needs=needs, thinking=thinking, effort=effort if NO_THINKING not in needs else None,
+                       session_hint=session)
     return MessagesRequest(chat, tuple(stops or ()), user)

@@ -72,7 +72,8 @@ def assert_error(response: httpx.Response, status: int, kind: str) -> dict[str, 
 ])
 async def test_malformed_requests_get_400_saying_what_is_wrong(stack: Stack, body: bytes, named: str) -> None:
     async with stack.http() as http:
-        response = await http.post("/v1/messages", content=body, headers={**HEADERS, "content-type": "application/json"})
+        response = await http.post("/v1/messages", content=body,
+                                   headers={**HEADERS, "content-type": "application/json"})
     error = assert_error(response, 400, "invalid_request_error")
     assert named in error["message"]
     assert stack.emulator.snapshot()["totals"]["requests"] == 0, "refused before any upstream call"

@@ -18,6 +18,9 @@ PLAIN = "kimi-k2-0905-preview"
 """A model that never thinks."""
 THINKER = "kimi-k2.5"
 """A model that thinks unless told not to."""
+ALWAYS = "kimi-k3"
+"""A model that always thinks, at the effort asked."""
+MODELS = [PLAIN, THINKER, ALWAYS]
 KEY = "sk-emu-0001"
 HELLO: Any = [{"role": "user", "content": "Say hello to the pool."}]
 BASH: Any = {"name": "Bash", "description": "Run a shell command.",
@@ -29,7 +32,7 @@ BASH: Any = {"name": "Bash", "description": "Run a shell command.",
 @pytest.fixture
 async def stack(tmp_path: Path) -> AsyncIterator[Stack]:
     """One account, so every upstream request is ``KEY``'s."""
-    async with run_stack(tmp_path, keys=[KEY]) as stack:
+    async with run_stack(tmp_path, keys=[KEY], account_extra={"models": MODELS}) as stack:
         yield stack
 
 
@@ -219,6 +222,25 @@ async def test_thinking_disabled_and_adaptive_reach_kimi_as_asked(stack: Stack) 
                                                 thinking={"type": "adaptive"}, output_config={"effort": "high"})
         assert "thinking" not in upstream(stack), "adaptive leaves it to the model (K2.5 thinks by default)"
         assert [block.type for block in adaptive.content] == ["thinking", "text"]
+        await client.messages.create(model=ALWAYS, max_tokens=256, messages=HELLO, thinking={"type": "adaptive"},
+                                     output_config={"effort": "xhigh"})
+        assert upstream(stack)["reasoning_effort"] == "max", "the effort reaches K3 even with nothing else asked"
+
+
+async def test_without_a_thinking_field_models_think_only_if_they_must(stack: Stack) -> None:
+    """What Claude Code sends with thinking off: no ``thinking`` at all."""
+    async with sdk(stack) as client:
+        plain = await client.messages.create(model=THINKER, max_tokens=256, messages=HELLO)
+        assert upstream(stack)["thinking"] == {"type": "disabled"}
+        assert [block.type for block in plain.content] == ["text"]
+        always = await client.messages.create(model=ALWAYS, max_tokens=256, messages=HELLO,
+                                              output_config={"effort": "low"})
+        sent = upstream(stack)
+        assert sent["reasoning_effort"] == "low" and "thinking" not in sent
+        assert [block.type for block in always.content] == ["thinking", "text"]
+        with pytest.raises(anthropic.BadRequestError) as refused:  # asked explicitly: never served silently
+            await client.messages.create(model=ALWAYS, max_tokens=256, messages=HELLO, thinking={"type": "disabled"})
+    assert "thinking" in refused.value.message
 
 
 async def test_redacted_thinking_from_elsewhere_is_dropped(stack: Stack) -> None:
