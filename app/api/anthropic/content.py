@@ -88,7 +88,7 @@ def _image(where: str, block: dict[str, Any]) -> dict[str, Any]:
     kind = source.get("type") if isinstance(source, dict) else None
     if kind == "base64":
         media, data = source.get("media_type"), source.get("data")  # type: ignore[union-attr]
-        if media not in IMAGE_TYPES or not isinstance(data, str):
+        if not isinstance(media, str) or media not in IMAGE_TYPES or not isinstance(data, str):
             raise InvalidRequest(f"{where}.source: a base64 image needs 'media_type' (one of "
                                  f"{', '.join(sorted(IMAGE_TYPES))}) and 'data'.")
         return {"type": "image_url", "image_url": {"url": f"data:{media};base64,{data}"}}

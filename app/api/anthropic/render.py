@@ -33,13 +33,17 @@ MESSAGE_STOP = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 _DELTA = b'event: content_block_delta\ndata: {"type":"content_block_delta","index":'
 
 
+_USAGE_REST = {"cache_creation": None, "inference_geo": None, "output_tokens_details": None, "server_tool_use": None,
+               "service_tier": "standard"}
+
+
 def usage_body(usage: Usage | None, estimate: int = 0) -> dict[str, Any]:
     if usage is None:
         return {"input_tokens": estimate, "output_tokens": 0, "cache_creation_input_tokens": 0,
-                "cache_read_input_tokens": 0}
+                "cache_read_input_tokens": 0, **_USAGE_REST}
     cached = usage.cached_tokens or 0
     return {"input_tokens": max(0, usage.prompt_tokens - cached), "output_tokens": usage.completion_tokens,
-            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached}
+            "cache_creation_input_tokens": 0, "cache_read_input_tokens": cached, **_USAGE_REST}
 
 
 def stop_reason(finish: str | None, called: bool) -> str:

@@ -48,6 +48,8 @@ KNOWN = _SHARED | {"max_tokens", "metadata", "stop_sequences", "stream", "temper
                    "inference_geo", "service_tier"}
 COUNT_KNOWN = _SHARED
 """The fields of ``POST /v1/messages/count_tokens``."""
+NULLABLE = frozenset({"cache_control", "container", "inference_geo", "context_management"})
+"""The fields Anthropic takes as ``null``; any other may be left out, not sent as ``null``."""
 _TOOL_KEYS = frozenset({"type", "name", "description", "input_schema", "cache_control", "strict",
                         "eager_input_streaming", "allowed_callers", "defer_loading", "input_examples"})
 _OLD_SESSION = re.compile(r"_session_([0-9A-Za-z-]{8,})$")
@@ -88,6 +90,8 @@ def _thinking(value: Any, max_tokens: int | None) -> bool | None:
     if value is None:
         return None
     kind = value.get("type") if isinstance(value, dict) else None
+    if kind is not None and value.get("display") not in (None, "summarized", "omitted"):
+        raise InvalidRequest("thinking.display: Input should be 'summarized' or 'omitted'.")
     if kind == "enabled":
         _object("thinking", value, frozenset({"type", "budget_tokens", "display"}))
         budget = _whole("thinking.budget_tokens", value.get("budget_tokens"), 1024, MAX_TOKENS)
@@ -110,7 +114,7 @@ def _output_config(value: Any, params: dict[str, Any]) -> str | None:
         return None
     config = _object("output_config", value, frozenset({"effort", "format"}))
     effort = config.get("effort")
-    if effort is not None and effort not in EFFORTS:
+    if effort is not None and (not isinstance(effort, str) or effort not in EFFORTS):
         raise InvalidRequest(f"output_config.effort: Input should be one of {', '.join(EFFORTS)}.")
     form = config.get("format")
     if form is not None:
@@ -159,7 +163,7 @@ def _tool_choice(value: Any, names: set[str], params: dict[str, Any]) -> None:
         raise InvalidRequest(f"tool_choice: '{kind}' needs tools.")
     if kind == "tool":
         name = value.get("name")
-        if name not in names:
+        if not isinstance(name, str) or name not in names:
             raise InvalidRequest(f"tool_choice.name: no tool named {name!r} in tools.")
         params["tool_choice"] = {"type": "function", "function": {"name": name}}
     else:
@@ -216,6 +220,9 @@ def parse_messages_request(body: Any, verify: Verify, *, counting: bool = False)
     extra = body.keys() - (COUNT_KNOWN if counting else KNOWN)
     if extra:
         raise InvalidRequest(f"{sorted(extra)[0]}: Extra inputs are not permitted.")
+    for name, value in body.items():
+        if value is None and name not in NULLABLE:
+            raise InvalidRequest(f"{name}: Input should not be null (leave it out instead).")
     model = body.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("model: Field required (a non-empty string).")
