@@ -9,7 +9,9 @@ Every field of ``POST /v1/messages`` is honoured, accepted as documented, or ref
   it (K2.5/K2.6), while models that always think still do; ``display`` is accepted;
 * ``output_config.effort`` → the effort (``xhigh`` runs as ``max``); ``output_config.format`` (JSON schema)
   → structured output;
-* ``temperature`` → Moonshot's mapping for its own Anthropic endpoint: ``temperature * 0.6`` upstream;
+* ``temperature`` → Moonshot's mapping for its own Anthropic endpoint: ``temperature * 0.6`` upstream, except
+  1, which is left out (the model's default: Anthropic's current models take no other value, Moonshot's
+  K2.5 and later refuse any other);
   ``top_p`` as it is; ``top_k`` accepted, not sent (Moonshot's chat API has no such field);
 * ``tools``: custom tools become function tools (their schemas as sent: the adapter drops ``$schema``);
   Anthropic's server and built-in tools (web search, code execution, bash, text editor …) are refused;
@@ -236,7 +238,9 @@ def parse_messages_request(body: Any, verify: Verify, *, counting: bool = False)
     _inert(body)
     params: dict[str, Any] = {}
     if body.get("temperature") is not None:
-        params["temperature"] = round(_number("temperature", body["temperature"], 0.0, 1.0) * TEMPERATURE_SCALE, 6)
+        temperature = _number("temperature", body["temperature"], 0.0, 1.0)
+        if temperature != 1.0:  # 1 is the model's own default (the only value Anthropic's current models take)
+            params["temperature"] = round(temperature * TEMPERATURE_SCALE, 6)
     if body.get("top_p") is not None:
         params["top_p"] = _number("top_p", body["top_p"], 0.0, 1.0)
     if body.get("top_k") is not None:

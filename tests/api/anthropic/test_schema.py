@@ -96,6 +96,9 @@ async def test_sampling_follows_moonshots_anthropic_mapping(stack: Stack) -> Non
     body = sent(stack)
     assert body["temperature"] == 0.3, "Anthropic's temperature x 0.6, as Moonshot's own endpoint runs it"
     assert body["top_p"] == 0.9 and body["stop"] == ["\n\nHuman:"] and "top_k" not in body
+    async with sdk(stack) as client:
+        await client.messages.create(model=PLAIN, max_tokens=64, messages=HELLO, extra_body={"temperature": 1})
+    assert "temperature" not in sent(stack), "1 is the model's own default: K2.5+ refuse anything else"
 
 
 async def test_structured_output_is_a_json_schema_response_format(stack: Stack) -> None:
