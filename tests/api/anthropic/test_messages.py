@@ -295,3 +295,25 @@ async def test_a_failure_mid_stream_ends_with_an_error_event(stack: Stack) -> No
             async with client.messages.stream(model=PLAIN, max_tokens=256, messages=HELLO) as stream:
                 await stream.get_final_message()
     assert failed.value.body["error"]["type"] == "api_error"  # type: ignore[index]
+
+
+async def test_a_ten_turn_conversation_keeps_its_account_and_moves_when_it_dies(tmp_path: Path) -> None:
+    keys = {"acct-1": "sk-emu-0001", "acct-2": "sk-emu-0002", "acct-3": "sk-emu-0003"}
+    async with run_stack(tmp_path) as stack:
+        client = sdk(stack, default_headers={"x-claude-code-session-id": str(uuid.uuid4())})
+        messages: list[Any] = [{"role": "user", "content": "Let us talk for a while. " * 40}]
+        seen: list[str] = []
+        cached: list[int] = []
+        async with client:
+            for turn in range(12):
+                if turn == 10:  # the account holding the conversation dies
+                    stack.emulator.script(keys[seen[-1]], [{"kind": "auth"}])
+                raw = await client.messages.with_raw_response.create(model=PLAIN, max_tokens=64, messages=messages)
+                answer = await raw.parse()
+                seen.append(raw.headers["x-kimi-pool-account"])
+                cached.append(answer.usage.cache_read_input_tokens or 0)
+                messages += [{"role": "assistant", "content": answer.content[0].text},  # type: ignore[union-attr]
+                             {"role": "user", "content": f"Turn {turn + 2}."}]
+        assert len(set(seen[:10])) == 1, "ten turns, one account: its prompt cache"
+        assert cached[0] == 0 and all(c > 0 for c in cached[1:10]) and cached[9] > cached[1]
+        assert seen[10] != seen[0] and seen[11] == seen[10], "it moved once, and stays where it moved"
