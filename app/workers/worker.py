@@ -2,8 +2,9 @@
 
 A worker serves the hot paths (``POST /v1/chat/completions``, ``POST /v1/messages``) itself (auth,
 parsing, the upstream call, rendering) with accounts leased from the keeper (``RemoteLeases``), and
-passes every other request to the keeper (``Forwarder``). It reads its settings as JSON on stdin and serves the listening socket it
-inherits as a file descriptor; ``python -m app.workers.worker`` is how the keeper starts it.
+passes every other request to the keeper (``Forwarder``). It reads its settings as JSON on stdin and
+serves the listening socket it inherits as a file descriptor; ``python -m app.workers.worker`` is how
+the keeper starts it.
 """
 
 from __future__ import annotations
