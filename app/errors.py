@@ -133,6 +133,12 @@ class PoolBusy(KimiPoolError):
         return _retry_after_header(self.retry_after)
 
 
+class QueueFull(PoolBusy):
+    """The admission queue is full: the pool is saturated (``--max-queue`` requests already wait)."""
+
+    code = "queue_full"
+
+
 class PoolUnavailable(KimiPoolError):
     """No account can serve the request at all (all dead, disabled or out of quota)."""
 

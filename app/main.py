@@ -22,11 +22,16 @@ from app.account_log import AccountLog
 from app.accounts_config import load_accounts_toml
 from app.api.admin import Admin, admin_routes
 from app.api.admin.dashboard import Dashboard
+from app.api.anthropic.count_tokens import count_tokens
+from app.api.anthropic.messages import Messages
+from app.api.anthropic.models import by_protocol
+from app.api.anthropic.models import get_model as anthropic_model
+from app.api.anthropic.models import list_models as anthropic_models
 from app.api.auth import Authenticator
 from app.api.errors import RequestIdMiddleware, handle_http_exception, handle_kimi_pool_error
 from app.api.exchange import EXPOSED_HEADERS
 from app.api.front import HOT_PATHS, FrontDoor, HotRoute
-from app.api.health import healthz, readyz
+from app.api.health import healthz, readyz, root
 from app.api.ids import Ids
 from app.api.metrics import metrics
 from app.api.openai.batches import batch_routes
@@ -99,7 +104,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
             await import_accounts(db, settings, clock)
         writer = WriteBehind(db, clock=clock, interval=settings.flush_interval)
         writer.start()
-        app.state.sealer = Sealer(await server_secret(db, KEY_NAME, Sealer.new_key(), clock.time()))
+        app.state.sealer = sealer = Sealer(await server_secret(db, KEY_NAME, Sealer.new_key(), clock.time()))
         pool = Pool(clock, interactive_share=settings.interactive_share)
         states = StateWriter(db, pool, clock)
         states.start()
@@ -132,6 +137,7 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
                                               clock.time(), metrics_registry)
         idempotency = Idempotency(db, writer, clock, ttl=settings.idempotency_ttl)
         app.state.chat = ChatCompletions(settings, clock, auth, dispatcher, ids, idempotency, shutdown)
+        app.state.anthropic = Messages(settings, clock, auth, dispatcher, ids, sealer, shutdown)
         app.state.idempotency = idempotency
         app.state.writer = writer
         app.state.sync = sync
@@ -185,10 +191,12 @@ def create_app(settings: Settings, *, clock: Clock | None = None,
             access_log.flush()
 
     routes = [
+        Route("/", root, methods=["GET", "HEAD"]),
         Route("/healthz", healthz, methods=["GET"]),
         Route("/readyz", readyz, methods=["GET"]),
-        Route("/v1/models", list_models, methods=["GET"]),
-        Route("/v1/models/{model_id:path}", get_model, methods=["GET"]),
+        Route("/v1/models", by_protocol(anthropic_models, list_models), methods=["GET"]),
+        Route("/v1/models/{model_id:path}", by_protocol(anthropic_model, get_model), methods=["GET"]),
+        Route("/v1/messages/count_tokens", count_tokens, methods=["POST"]),
         Route("/v1/pool/status", pool_status, methods=["GET"]),
         Route("/metrics", metrics, methods=["GET"]),
         *(Route(path, HotRoute(name), methods=["POST"]) for path, name in HOT_PATHS.items()),

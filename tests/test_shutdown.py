@@ -1,5 +1,5 @@
 """SIGTERM on a real ``kimi-pool serve`` process: in-flight streams finish, usage is stored, exit 0; what
-still runs when the grace period ends gets an OpenAI error (a JSON 503, or a last error event) and is
+still runs when the grace period ends gets its protocol's error (a JSON 503 or 529, or a last error event) and is
 recorded as ``shutting_down``."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 import pytest
@@ -149,3 +150,33 @@ async def test_ctrl_c_drains_then_exits_0_with_one_line_and_no_traceback(tmp_pat
         assert await process.wait() == 0, "".join(log) + rest
     assert "Traceback" not in rest and "KeyboardInterrupt" not in rest, rest
     assert rest.splitlines()[-1].endswith("INFO kimi_pool: kimi-pool stopped on Ctrl-C (SIGINT); exit status 0")
+
+
+async def test_an_anthropic_stream_and_message_cut_by_the_shutdown_end_in_anthropics_errors(tmp_path: Path) -> None:
+    """Claude Code retries a 529 and must see an ``event: error`` on a stream that has begun."""
+    emulator_app = create_moonshot_emulator(MoonshotEmulatorConfig.simple(keys=1))
+    emulator = emulator_app.state.emulator
+    async with serve(emulator_app) as emulator_url:
+        accounts = accounts_toml(emulator_url, ["sk-emu-0001"], concurrency=2)
+        async with gateway_process(tmp_path, emulator_url, "--shutdown-grace", "1", accounts=accounts) as (
+                process, url, log):
+            emulator.script("sk-emu-0001", [{"kind": "hold_after", "chunks": 2}, {"kind": "hold_after", "chunks": 0}])
+            async with anthropic.AsyncAnthropic(base_url=url, api_key=MASTER_KEY, max_retries=0) as client:
+                stream = await client.messages.create(model=MODEL, max_tokens=64, messages=MESSAGES, stream=True)
+                await anext(stream)
+                whole = asyncio.ensure_future(client.messages.create(model=MODEL, max_tokens=64, messages=MESSAGES))
+                await emulator.wait_for(lambda e: e.held == 2)
+                process.send_signal(signal.SIGTERM)
+                with pytest.raises(anthropic.APIStatusError) as cut_stream:
+                    async for _ in stream:
+                        pass
+                assert cut_stream.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+                assert "shutting down" in cut_stream.value.message
+                with pytest.raises(anthropic.OverloadedError) as cut:
+                    await whole
+                assert cut.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+            assert process.stderr is not None
+            rest = (await asyncio.wait_for(process.stderr.read(), 30)).decode(errors="replace")
+            assert await process.wait() == 0, "".join(log) + rest
+            assert "Traceback" not in rest and "Exception in ASGI application" not in rest
+            emulator.release()

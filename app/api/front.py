@@ -18,7 +18,8 @@ from app.api.loopback import turned_away
 from app.shutdown import Shutdown
 
 CHAT_PATH = "/v1/chat/completions"
-HOT_PATHS = {CHAT_PATH: "chat"}
+MESSAGES_PATH = "/v1/messages"
+HOT_PATHS = {CHAT_PATH: "chat", MESSAGES_PATH: "anthropic"}
 """``POST`` paths served by a bare ASGI handler, before Starlette's routing and middleware → the name of the
 handler on ``app.state`` (each protocol's front-end adds its own)."""
 log = logging.getLogger("kimi_pool.api")

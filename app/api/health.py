@@ -43,3 +43,9 @@ async def readyz(request: Request) -> Response:
             headers["Retry-After"] = str(max(1, math.ceil(ready.next_ready_in)))
     return Response(orjson.dumps(body), status_code=200 if ready.ready else 503, headers=headers,
                     media_type="application/json")
+
+
+async def root(request: Request) -> Response:
+    """What answers at ``/`` (Claude Code preconnects with ``HEAD /``): the service and where its APIs are."""
+    body = {"service": "kimi-pool", "openai": "/v1", "anthropic": "/v1/messages", "dashboard": "/dashboard"}
+    return Response(orjson.dumps(body), media_type="application/json")

@@ -30,3 +30,7 @@ class Ids:
 
     def completion_id(self) -> str:
         return "chatcmpl-" + self._hex()
+
+    def new(self, prefix: str) -> str:
+        """``prefix`` and 24 hex digits: an object id of another protocol (``msg_…``)."""
+        return prefix + self._hex()

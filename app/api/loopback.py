@@ -75,13 +75,15 @@ def refusal(scope: Scope) -> PermissionDenied | None:
 
 
 def turned_away(scope: Scope, ids: Ids) -> Response | None:
-    """The 403 (an OpenAI error object with its request id) for a request an open gateway refuses;
-    None if it may pass."""
+    """The 403 (an error object of the request's protocol, with its request id) for a request an open
+    gateway refuses; None if it may pass."""
     error = refusal(scope)
     if error is None:
         return None
-    response = error_response(error)
-    response.headers["x-request-id"] = ids.request_id(header(scope, b"x-request-id"))
+    request_id = ids.request_id(header(scope, b"x-request-id"))
+    scope.setdefault("state", {})["request_id"] = request_id
+    response = error_response(error, scope)
+    response.headers["x-request-id"] = request_id
     return response
 
 

@@ -21,7 +21,7 @@ import contextlib
 from collections import OrderedDict, deque
 
 from app.clock import Clock
-from app.errors import PoolBusy, PoolUnavailable
+from app.errors import PoolBusy, PoolUnavailable, QueueFull
 from app.pool.scheduler import Lease, Pool
 
 LOOKAHEAD = 8
@@ -127,7 +127,7 @@ class Admission:
             raise PoolBusy(f"Every account serving '{model}' is at its limits; retry in {at - now:.0f}s.",
                            retry_after=at - now)
         if (self._depth if batch else self._depth - self._batch_depth) >= self._max_queue:
-            raise PoolBusy(f"The queue is full ({self._max_queue} waiting); retry shortly.",
+            raise QueueFull(f"The queue is full ({self._max_queue} waiting); retry shortly.",
                            retry_after=max(1.0, at - now))
         if not batch and len(self._queues.get(client or "", ())) >= self._max_per_key:
             raise PoolBusy(f"This client key has {self._max_per_key} requests waiting already, its share of the "

@@ -183,7 +183,7 @@ class MoonshotUpstream:
                 body[key] = params[key]
         if "tools" in params:
             body["tools"] = [_tool(t) for t in params["tools"]]
-        if request.thinking is not None or request.needs:
+        if request.thinking is not None or request.needs or request.effort:
             body.update(thinking_fields(request, model))
         if stream and request.include_usage:
             body["stream_options"] = {"include_usage": True}

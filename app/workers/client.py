@@ -15,7 +15,16 @@ import logging
 import os
 from collections.abc import Awaitable, Callable
 
-from app.errors import AuthDead, KimiPoolError, PoolBusy, PoolUnavailable, QuotaExhausted, RateLimited, UpstreamError
+from app.errors import (
+    AuthDead,
+    KimiPoolError,
+    PoolBusy,
+    PoolUnavailable,
+    QueueFull,
+    QuotaExhausted,
+    RateLimited,
+    UpstreamError,
+)
 from app.pool.account import Account
 from app.pool.census import unserved
 from app.pool.context import RequestContext
@@ -170,6 +179,8 @@ class RemoteLeases:
             _, _, why, message, retry_after, code = frame
             if why == "busy":
                 raise PoolBusy(message, retry_after=retry_after, code=code)
+            if why == "full":
+                raise QueueFull(message, retry_after=retry_after)
             raise PoolUnavailable(message, retry_after=retry_after)
         _, _, lease_id, name, binding, headroom = frame
         if headroom is not None:

@@ -6,7 +6,7 @@ Per worker connection:
 - ``take [rid, model, cost, client, max_wait, session, exclude, batch, needs]`` → ``lease [rid, lease_id,
   account, binding, headroom]`` (``binding``: ``[chat_id, parent_id, turns]`` of the session, or
   null; ``headroom``: the ``x-ratelimit-*`` header pairs when they changed since last sent) or
-  ``refused [rid, "busy"|"unavailable", message, retry_after, code]``. A take may wait in the
+  ``refused [rid, "busy"|"full"|"unavailable", message, retry_after, code]``. A take may wait in the
   admission queue; ``drop [rid]`` withdraws it (the client left).
 - ``release [lease_id, tokens, succeeded]``, ``report [lease_id, error]``: the lease's end (and whether
   the upstream answered), or the classified upstream failure (before its release, as in one process).
@@ -34,7 +34,7 @@ from typing import Any
 
 from app.clock import Clock
 from app.dispatch import RequestObserver, UsageSink
-from app.errors import PoolBusy, PoolUnavailable
+from app.errors import PoolBusy, PoolUnavailable, QueueFull
 from app.pool.context import RequestContext
 from app.pool.leases import Held, PoolLeases
 from app.store.records import UsageRecord
@@ -178,7 +178,8 @@ class _WorkerConnection:
         try:
             lease = await self._leases.take(model, cost, ctx, exclude)
         except PoolBusy as error:
-            self.send(["refused", rid, "busy", error.message, error.retry_after, error.code])
+            why = "full" if isinstance(error, QueueFull) else "busy"
+            self.send(["refused", rid, why, error.message, error.retry_after, error.code])
             return
         except PoolUnavailable as error:
             self.send(["refused", rid, "unavailable", error.message, error.retry_after, error.code])

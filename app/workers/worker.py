@@ -1,9 +1,10 @@
-"""One worker process of ``serve --workers N``: the chat hot path on its own core.
+"""One worker process of ``serve --workers N``: the hot paths on its own core.
 
-A worker serves ``POST /v1/chat/completions`` itself (auth, parsing, the upstream call, rendering)
-with accounts leased from the keeper (``RemoteLeases``), and passes every other request to the
-keeper (``Forwarder``). It reads its settings as JSON on stdin and serves the listening socket it
-inherits as a file descriptor; ``python -m app.workers.worker`` is how the keeper starts it.
+A worker serves the hot paths (``POST /v1/chat/completions``, ``POST /v1/messages``) itself (auth,
+parsing, the upstream call, rendering) with accounts leased from the keeper (``RemoteLeases``), and
+passes every other request to the keeper (``Forwarder``). It reads its settings as JSON on stdin and
+serves the listening socket it inherits as a file descriptor; ``python -m app.workers.worker`` is how
+the keeper starts it.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.types import Receive, Scope, Send
 
+from app.api.anthropic.messages import Messages
 from app.api.auth import Authenticator
 from app.api.errors import header
-from app.api.front import CHAT_PATH, answer_cut
+from app.api.front import HOT_PATHS, answer_cut
 from app.api.ids import Ids
 from app.api.loopback import turned_away
 from app.api.openai.chat import ChatCompletions
@@ -37,8 +39,10 @@ from app.config import Settings
 from app.dispatch import Dispatcher
 from app.logs import AccessLog
 from app.pool.scheduler import Pool
+from app.sealing import KEY_NAME, Sealer
 from app.shutdown import Shutdown
 from app.store.db import Database
+from app.store.secrets import server_secret
 from app.sync import AccountSync
 from app.upstreams.http import create_session
 from app.upstreams.registry import Registry
@@ -52,9 +56,10 @@ HTTP_SOCKET = "http.sock"
 
 
 class WorkerFront:
-    """The worker's ASGI app: plain chat completions here, everything else to the keeper.
+    """The worker's ASGI app: the hot paths here (chat completions without an ``Idempotency-Key``, Anthropic
+    messages), everything else to the keeper.
 
-    A chat request whose key this worker does not know goes to the keeper too: the key may have
+    A hot-path request whose key this worker does not know goes to the keeper too: the key may have
     been created a moment ago through the admin API (the keeper knows it at once, a worker after
     its next reload), and the keeper answers a bad key with the same 401 as the worker would.
     While the gateway is open, the rules of ``app.api.loopback`` come first, as in ``FrontDoor``."""
@@ -71,9 +76,11 @@ class WorkerFront:
             if self._auth.open and (refused := turned_away(scope, self._ids)) is not None:  # as the keeper would
                 await refused(scope, receive, send)
                 return
-            if (scope["path"] == CHAT_PATH and scope["method"] == "POST" and header(scope, b"idempotency-key") is None
+            hot = HOT_PATHS.get(scope["path"]) if scope["method"] == "POST" else None
+            handler = getattr(state, hot, None) if hot is not None else None
+            if (handler is not None and (hot != "chat" or header(scope, b"idempotency-key") is None)
                     and self._auth.knows(Headers(scope=scope))):
-                await state.chat(scope, receive, send)
+                await handler(scope, receive, send)
             else:
                 await answer_cut(state.forward, scope, receive, send, self.shutdown)
             return
@@ -106,6 +113,8 @@ def create_worker_app(settings: Settings, *, runtime: str, index: int, clock: Cl
         forward = Forwarder(os.path.join(runtime, HTTP_SOCKET))
         forward.start()
         app.state.chat = ChatCompletions(settings, clock, auth, dispatcher, ids, None, shutdown)
+        sealer = Sealer(await server_secret(db, KEY_NAME, Sealer.new_key(), clock.time()))
+        app.state.anthropic = Messages(settings, clock, auth, dispatcher, ids, sealer, shutdown)
         app.state.forward = forward
         gc.collect()
         gc.freeze()

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+import anthropic
 import httpx
 import openai
 
@@ -264,3 +265,24 @@ async def test_a_kimi_web_conversation_continues_one_upstream_chat_whichever_wor
     [chat] = emulator.chats.values()
     sent = [m.content for m in chat.messages if m.role == "user"]
     assert sent == [f"question {turn}" for turn in range(1, 17)], "each turn sent only what was new, to one chat"
+
+
+async def test_workers_serve_anthropic_messages_and_accept_each_others_thinking(tmp_path: Path) -> None:
+    """``POST /v1/messages`` is a hot path: the workers serve it. The thinking signature one process issues is
+    accepted by every other (the key is in the database), here by the keeper's ``count_tokens``."""
+    async with workers(tmp_path, keys=2) as (emulator, process, url, log):
+        emulator.script_answers(None, [{"reasoning": f"thought {i}", "content": f"answer {i}"} for i in range(8)])
+        ask: Any = [{"role": "user", "content": "think"}]
+        for i in range(8):  # a client (a connection) per turn: the kernel spreads them over both workers
+            async with anthropic.AsyncAnthropic(base_url=url, api_key=MASTER_KEY, max_retries=0) as client:
+                answer = await client.messages.create(model="kimi-k2.5", max_tokens=4096, messages=ask,
+                                                      thinking={"type": "enabled", "budget_tokens": 1024})
+            assert [block.type for block in answer.content] == ["thinking", "text"]
+            assert answer.content[0].thinking == f"thought {i}"  # type: ignore[union-attr]
+            history: Any = [*ask, {"role": "assistant", "content": answer.content}, {"role": "user", "content": "?"}]
+            async with anthropic.AsyncAnthropic(base_url=url, api_key=MASTER_KEY, max_retries=0) as client:
+                counted = await client.messages.count_tokens(model="kimi-k2.5", messages=history)
+            assert counted.input_tokens > 0
+
+        lines = await access_lines(process, log, 8)
+        assert {line["worker"] for line in lines} == {"0", "1"}, "both workers served messages"
