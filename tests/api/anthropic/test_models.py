@@ -40,7 +40,7 @@ async def test_a_claude_name_is_served_once_the_404s_command_maps_it(tmp_path: P
                 await client.messages.create(model="claude-opus-4-8", max_tokens=64,
                                              messages=[{"role": "user", "content": "hi"}])
             command = refused.value.message.split("Map it with: ", 1)[1].split(" (", 1)[0]
-            assert command == "kimi-pool models alias claude-opus-4-8 --moonshot kimi-k2.5"
+            assert command == "kimi-pool models alias claude-opus-4-8 --moonshot kimi-k2.6"
             assert stack.emulator.snapshot()["totals"]["requests"] == 0
             words = command.split()[1:]
             assert await asyncio.to_thread(run, ["--db", stack.db_url, *words]) == 0
@@ -48,7 +48,7 @@ async def test_a_claude_name_is_served_once_the_404s_command_maps_it(tmp_path: P
             message = await client.messages.create(model="claude-opus-4-8", max_tokens=64,
                                                    messages=[{"role": "user", "content": "hi"}])
         assert message.model == "claude-opus-4-8" and message.content
-        assert stack.emulator.recent_requests("sk-emu-0001")[-1]["model"] == "kimi-k2.5"
+        assert stack.emulator.recent_requests("sk-emu-0001")[-1]["model"] == "kimi-k2.6"
         with_openai = await stack.client().chat.completions.create(
             model="claude-opus-4-8", messages=[{"role": "user", "content": "hi"}])
         assert with_openai.choices[0].message.content
